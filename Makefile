@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and make:
+#   make demo   creates .venv, installs jaxnorm with the example extras, runs the demo
+#   make test   creates .venv, installs jaxnorm with the test extras, runs the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# PyTorch is an optional reference: torch==2.13.0 is a CPU build on the project's machines.
+# Tests and benchmarks that compare with it skip with a note where it is absent.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,examples]'
+	-$(PY) -m pip install -q $(TORCH) || echo "PyTorch not installed: its comparisons will be skipped"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

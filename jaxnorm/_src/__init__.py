@@ -1,0 +1,1 @@
+"""jaxnorm's implementation. Import from ``jaxnorm``, ``jaxnorm.linen`` and ``jaxnorm.nnx``."""

@@ -1,0 +1,137 @@
+"""Batch normalization (Ioffe and Szegedy 2015) as a pure function, with explicit running state.
+
+Training normalizes with the statistics of the batch (pooled over devices with ``axis_name``) and
+returns the next running statistics; evaluation normalizes with the running statistics.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxnorm._src import checks
+from jaxnorm._src import functional
+from jaxnorm._src import stats
+from jaxnorm._src.stats import AxisName, Axes, Moments
+
+
+class BatchStats(NamedTuple):
+  """Running statistics of batch norm, stored as Flax's ``batch_stats/mean`` and ``/var``.
+
+  ``var`` is the running average of the *unbiased* batch variance, as in PyTorch (a batch of
+  2 drawn from a variance of 4 contributes 4 on average, not 2).
+  """
+  mean: Array
+  var: Array
+
+
+def init_batch_stats(feature_shape: int | tuple[int, ...], dtype: Any = jnp.float32) -> BatchStats:
+  """Running statistics before any training: mean 0, variance 1 (as Flax and PyTorch)."""
+  return BatchStats(jnp.zeros(feature_shape, dtype), jnp.ones(feature_shape, dtype))
+
+
+def update_batch_stats(running: BatchStats, batch: Moments, momentum: float) -> BatchStats:
+  """The next running statistics, an exponential moving average of the batch's.
+
+  .. math::
+
+     \\hat\\mu \\leftarrow m\\,\\hat\\mu + (1 - m)\\,\\mu_B, \\qquad
+     \\hat\\sigma^2 \\leftarrow m\\,\\hat\\sigma^2 + (1 - m)\\,\\frac{n}{n - 1}\\sigma^2_B
+
+  A channel keeps its running statistics when the batch's mean or variance is not finite
+  (a NaN or Inf in the batch) or when it holds fewer than two valid values (a fully masked
+  batch): one bad batch cannot poison them. ``batch`` holds feature-shaped arrays.
+  """
+  count = batch.count
+  unbiased = batch.var * count / jnp.maximum(count - 1, 1)
+  mean = batch.full_mean
+  usable = jnp.isfinite(mean) & jnp.isfinite(unbiased) & (count > 1)
+  new_mean = momentum * running.mean + (1 - momentum) * mean.astype(running.mean.dtype)
+  new_var = momentum * running.var + (1 - momentum) * unbiased.astype(running.var.dtype)
+  return BatchStats(jnp.where(usable, new_mean, running.mean),
+                    jnp.where(usable, new_var, running.var))
+
+
+def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> int:
+  """How many values of one channel a batch of ``shape`` holds on this device."""
+  size = 1
+  for axis in reduction_axes:
+    size *= shape[axis]
+  return size
+
+
+def batch_moments(x: Array, feature_axes: tuple[int, ...], *, where: ArrayLike | None,
+                  axis_name: AxisName | None, axis_index_groups) -> Moments:
+  """Batch statistics over every axis but ``feature_axes``, after checking the batch size."""
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  if axis_name is None and values_per_channel(x.shape, reduction_axes) < 2:
+    raise ValueError(
+        f"batch norm in training needs at least 2 values per channel, but x.shape={x.shape} "
+        f"has 1 over axes {reduction_axes}; use a larger batch, use_running_average=True "
+        f"(evaluation), or a norm that does not depend on the batch (LayerNorm, GroupNorm)")
+  return stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
+                              axis_index_groups=axis_index_groups)
+
+
+def feature_shaped(moments: Moments, feature_axes: tuple[int, ...]) -> Moments:
+  """The moments with the reduced (size 1) axes dropped: the shape of the running stats."""
+  squeeze = tuple(a for a in range(moments.var.ndim) if a not in feature_axes)
+  return Moments(*(jnp.squeeze(m, squeeze) for m in moments))
+
+
+def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None = None,
+               bias: ArrayLike | None = None, *, training: bool, axis: Axes = -1,
+               momentum: float = 0.99, epsilon: float = 1e-5, where: ArrayLike | None = None,
+               axis_name: AxisName | None = None, axis_index_groups=None,
+               dtype: Any = None) -> tuple[Array, BatchStats | None]:
+  """Batch normalization with explicit state: returns the output and the next running stats.
+
+  .. math:: y = \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} \\cdot \\gamma + \\beta
+
+  In training, :math:`\\mu_B, \\sigma^2_B` are the (biased) statistics of the valid elements of
+  the batch over every axis but ``axis`` (pooled by count over the devices of ``axis_name``), and
+  the running statistics move towards them (:func:`update_batch_stats`). In evaluation, the
+  running statistics are used and returned unchanged.
+
+  Args:
+    x: input, at least 2 values per channel in training.
+    running: the running statistics (:class:`BatchStats`, feature-shaped), or None in training
+      to use batch statistics only (then None is returned for them).
+    scale, bias: optional per-feature :math:`\\gamma` and :math:`\\beta`.
+    training: batch statistics if True, running statistics if False.
+    axis: the feature axis or axes.
+    momentum: weight of the old running statistics in the moving average.
+    epsilon: added to the variance.
+    where: optional mask broadcastable to ``x``: only its True elements enter the statistics.
+    axis_name, axis_index_groups: pool the statistics over these devices.
+    dtype: output dtype (default: result type of x, scale and bias).
+
+  Returns:
+    ``(y, next_running)``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> x = jnp.array([[1.0], [3.0]])
+    >>> y, running = jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(1), training=True,
+    ...                                 momentum=0.9, epsilon=0.0)
+    >>> y.ravel(), running.mean, running.var
+    (Array([-1.,  1.], dtype=float32), Array([0.2], dtype=float32), Array([1.1], dtype=float32))
+  """
+  x = checks.float_input(x, "batch_norm")
+  feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
+  if not training:
+    if running is None:
+      raise ValueError("batch_norm with training=False needs the running statistics; pass "
+                       "running=BatchStats(mean, var) (jaxnorm.init_batch_stats to start)")
+    y = functional.normalize(x, running.mean, running.var, scale, bias,
+                             feature_axes=feature_axes, epsilon=epsilon, dtype=dtype)
+    return y, running
+  moments = batch_moments(x, feature_axes, where=where, axis_name=axis_name,
+                          axis_index_groups=axis_index_groups)
+  yf = moments.standardize(x.astype(moments.var.dtype), epsilon)
+  y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
+  if running is None:
+    return y, None
+  return y, update_batch_stats(running, feature_shaped(moments, feature_axes), momentum)

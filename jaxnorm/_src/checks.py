@@ -1,0 +1,87 @@
+"""Argument checks shared by every normalization: each error says how to fix the call."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.typing import ArrayLike
+
+Axes = int | Sequence[int]
+
+
+def canonical_axes(axes: Axes, ndim: int, *, name: str = "axes", shape=None) -> tuple[int, ...]:
+  """Returns ``axes`` as sorted non-negative ints, or raises a ValueError naming the fix."""
+  axes_tuple = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+  shape_text = f"x.shape={tuple(shape)}" if shape is not None else f"x.ndim={ndim}"
+  result = []
+  for axis in axes_tuple:
+    if not isinstance(axis, (int, np.integer)):
+      raise TypeError(f"{name}={axes!r} must be ints; got {axis!r}")
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+          f"{name}={axes!r}: axis {axis} is out of range for {shape_text}; "
+          f"use axes in [{-ndim}, {ndim - 1}]")
+    result.append(int(axis) % ndim)
+  if len(set(result)) != len(result):
+    raise ValueError(f"{name}={axes!r} names an axis twice for {shape_text}; list each axis once")
+  return tuple(sorted(result))
+
+
+def float_input(x: ArrayLike, layer: str) -> Array:
+  """Returns ``x`` as an array, raising a TypeError for non-float input."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{layer} expects floating-point input, got dtype {x.dtype}; cast it first, "
+        f"e.g. x.astype(jnp.float32), or x.astype(jnp.float32) / 255 for uint8 images")
+  return x
+
+
+def reduction_dtype(dtype: Any) -> Any:
+  """The dtype statistics are reduced in: at least float32, float64 stays float64."""
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def broadcast_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> Array | None:
+  """Checks that a mask broadcasts to ``shape`` (without changing it) and returns it as bool."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  try:
+    full = np.broadcast_shapes(where.shape, shape)
+  except ValueError:
+    full = None
+  if full != tuple(shape):
+    raise ValueError(
+        f"mask of shape {where.shape} does not broadcast to x.shape={tuple(shape)}; give a mask "
+        f"with x's shape, or with size 1 on the axes where it does not vary, e.g. "
+        f"{tuple(shape[:-1]) + (1,)}")
+  return where.astype(bool)
+
+
+def feature_param(param: ArrayLike | None, shape: tuple[int, ...], feature_axes: tuple[int, ...],
+                  name: str) -> Array | None:
+  """Returns scale or bias shaped to broadcast against x.
+
+  ``param`` has either the shape of x's feature axes (as Flax stores it) or a shape that
+  broadcasts to ``x.shape`` without changing it.
+  """
+  if param is None:
+    return None
+  param = jnp.asarray(param)
+  feature_shape = tuple(shape[a] for a in feature_axes)
+  if param.shape == feature_shape:
+    return param.reshape([shape[a] if a in feature_axes else 1 for a in range(len(shape))])
+  try:
+    if np.broadcast_shapes(param.shape, shape) == tuple(shape):
+      return param
+  except ValueError:
+    pass
+  raise ValueError(
+      f"{name} of shape {param.shape} does not fit x.shape={tuple(shape)} with feature axes "
+      f"{feature_axes}; give it the feature shape {feature_shape}")

@@ -1,0 +1,208 @@
+"""Layer, RMS, group and instance normalization, and normalization with given statistics.
+
+Pure functions: statistics come from :mod:`jaxnorm._src.stats`, the output is
+``(x - mean) / sqrt(var + epsilon) * scale + bias`` in at least float32, returned in
+``dtype`` (by default the result type of ``x``, ``scale`` and ``bias``, as in Flax).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.typing import ArrayLike
+
+from jaxnorm._src import checks
+from jaxnorm._src import stats
+from jaxnorm._src.stats import AxisName, Axes
+
+Groups = Sequence[Sequence[int]] | None
+
+
+def affine(yf: Array, x: Array, scale: ArrayLike | None, bias: ArrayLike | None,
+           feature_axes: tuple[int, ...], dtype: Any) -> Array:
+  """``yf * scale + bias`` with per-feature parameters, cast to the output dtype."""
+  scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+  bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
+  params = [p for p in (scale, bias) if p is not None]
+  if scale is not None:
+    yf = yf * scale
+  if bias is not None:
+    yf = yf + bias
+  return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params)))
+
+
+def normalize(x: ArrayLike, mean: ArrayLike, var: ArrayLike, scale: ArrayLike | None = None,
+              bias: ArrayLike | None = None, *, feature_axes: Axes = -1, epsilon: float = 1e-5,
+              dtype: Any = None) -> Array:
+  """Normalizes ``x`` with given statistics (evaluation-mode batch norm, frozen input stats).
+
+  .. math:: y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\cdot \\gamma + \\beta
+
+  Args:
+    x: input array.
+    mean, var: statistics with the shape of x's ``feature_axes``, or broadcastable to ``x``.
+    scale, bias: optional :math:`\\gamma` and :math:`\\beta`, shaped like ``mean``.
+    feature_axes: the axes the statistics and parameters vary along.
+    epsilon: added to the variance.
+    dtype: output dtype (default: result type of x, scale and bias).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> jaxnorm.normalize(jnp.array([[1.0, 10.0], [3.0, 30.0]]), jnp.array([2.0, 20.0]),
+    ...                   jnp.array([1.0, 100.0]), epsilon=0.0)
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+  """
+  x = checks.float_input(x, "normalize")
+  feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
+  mean = checks.feature_param(mean, x.shape, feature_axes, "mean")
+  var = checks.feature_param(var, x.shape, feature_axes, "var")
+  yf = (xf - mean) * lax.rsqrt(var.astype(xf.dtype) + epsilon)
+  return affine(yf, x, scale, bias, feature_axes, dtype)
+
+
+def layer_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+               reduction_axes: Axes = -1, feature_axes: Axes = -1, epsilon: float = 1e-6,
+               where: ArrayLike | None = None, axis_name: AxisName | None = None,
+               axis_index_groups: Groups = None, dtype: Any = None) -> Array:
+  """Layer normalization (Ba, Kiros and Hinton 2016): statistics over each example's features.
+
+  .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\cdot \\gamma + \\beta
+
+  with mean and variance over ``reduction_axes`` (and over devices with ``axis_name``), the valid
+  elements only when ``where`` is given.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> jaxnorm.layer_norm(jnp.array([[1e4 + 1.0, 1e4 - 1.0]]), epsilon=0.0)
+    Array([[ 1., -1.]], dtype=float32)
+  """
+  x = checks.float_input(x, "layer_norm")
+  feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
+  moments = stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
+                                 axis_index_groups=axis_index_groups)
+  yf = moments.standardize(x.astype(moments.var.dtype), epsilon)
+  return affine(yf, x, scale, bias, feature_axes, dtype)
+
+
+def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Axes = -1,
+             feature_axes: Axes = -1, epsilon: float = 1e-6, where: ArrayLike | None = None,
+             axis_name: AxisName | None = None, axis_index_groups: Groups = None,
+             dtype: Any = None) -> Array:
+  """Root mean square normalization (Zhang and Sennrich 2019).
+
+  .. math:: y = \\frac{x}{\\sqrt{\\mathrm{E}[x^2] + \\epsilon}} \\cdot \\gamma
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> jaxnorm.rms_norm(jnp.array([[3.0, -3.0]]), epsilon=0.0)
+    Array([[ 1., -1.]], dtype=float32)
+  """
+  x = checks.float_input(x, "rms_norm")
+  feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
+  ms = stats.mean_square(x, reduction_axes, where=where, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)
+  yf = x.astype(ms.dtype) * lax.rsqrt(ms + epsilon)
+  return affine(yf, x, scale, None, feature_axes, dtype)
+
+
+def num_groups_for(channels: int, num_groups: int | None, group_size: int | None,
+                   shape: tuple[int, ...]) -> int:
+  """The number of groups from exactly one of ``num_groups`` and ``group_size``."""
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        f"give exactly one of num_groups={num_groups} and group_size={group_size}; to set "
+        f"group_size, pass num_groups=None")
+  if group_size is not None:
+    if group_size <= 0 or channels % group_size:
+      raise ValueError(
+          f"group_size={group_size} must divide the {channels} channels of x.shape={shape}; "
+          f"pick a divisor of {channels}")
+    return channels // group_size
+  if num_groups <= 0 or channels % num_groups:
+    divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+    raise ValueError(
+        f"num_groups={num_groups} must divide the {channels} channels of x.shape={shape}; "
+        f"pick a divisor of {channels} ({', '.join(map(str, divisors))}) or set group_size")
+  return num_groups
+
+
+def group_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+               num_groups: int | None = None, group_size: int | None = None,
+               epsilon: float = 1e-6, reduction_axes: Axes | None = None,
+               where: ArrayLike | None = None, axis_name: AxisName | None = None,
+               axis_index_groups: Groups = None, dtype: Any = None) -> Array:
+  """Group normalization (Wu and He 2018), channels last.
+
+  The C channels are split into ``num_groups`` groups of ``C / num_groups`` consecutive
+  channels; each example is normalized with the mean and variance of each group over
+  ``reduction_axes`` (by default every axis but the first, the batch), then scaled per channel.
+
+  .. math:: y_{n,\\dots,c} = \\frac{x_{n,\\dots,c} - \\mu_{n,g(c)}}{\\sqrt{\\sigma^2_{n,g(c)}
+     + \\epsilon}} \\cdot \\gamma_c + \\beta_c
+
+  A mask may broadcast (for example shape ``(N, H, W, 1)``).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
+    >>> jaxnorm.group_norm(x, num_groups=2, epsilon=0.0)
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+  x = checks.float_input(x, "group_norm")
+  if reduction_axes is None:
+    reduction_axes = tuple(range(1, x.ndim - 1)) + (x.ndim - 1,)
+  reduction_axes = checks.canonical_axes(reduction_axes, x.ndim, name="reduction_axes",
+                                         shape=x.shape)
+  if reduction_axes[-1] != x.ndim - 1:
+    raise ValueError(
+        f"reduction_axes={reduction_axes} must include the last axis, the channels of "
+        f"x.shape={x.shape}; group_norm is channels-last")
+  channels = x.shape[-1]
+  groups = num_groups_for(channels, num_groups, group_size, x.shape)
+  grouped_shape = x.shape[:-1] + (groups, channels // groups)
+  where = checks.broadcast_mask(where, x.shape)
+  if where is not None:
+    tail = (1, 1) if where.shape[-1] == 1 else (groups, channels // groups)
+    where = where.reshape(where.shape[:-1] + tail)
+  grouped = x.reshape(grouped_shape)
+  moments = stats.reduce_moments(grouped, reduction_axes[:-1] + (x.ndim,), where=where,
+                                 axis_name=axis_name, axis_index_groups=axis_index_groups)
+  yf = moments.standardize(grouped.astype(moments.var.dtype), epsilon).reshape(x.shape)
+  return affine(yf, x, scale, bias, (x.ndim - 1,), dtype)
+
+
+def instance_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None,
+                  *, feature_axes: Axes = -1, epsilon: float = 1e-6,
+                  where: ArrayLike | None = None, axis_name: AxisName | None = None,
+                  axis_index_groups: Groups = None, dtype: Any = None) -> Array:
+  """Instance normalization (Ulyanov, Vedaldi and Lempitsky 2016).
+
+  Each example and channel is normalized over the remaining axes (all but the first, the batch,
+  and the ``feature_axes``): group normalization with one channel per group.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> x = jnp.array([[[1.0, 10.0], [3.0, 30.0]]])
+    >>> jaxnorm.instance_norm(x, epsilon=0.0)
+    Array([[[-1., -1.],
+            [ 1.,  1.]]], dtype=float32)
+  """
+  x = checks.float_input(x, "instance_norm")
+  feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
+  if 0 in feature_axes:
+    raise ValueError(
+        f"feature_axes={feature_axes} includes axis 0, the batch axis of x.shape={x.shape}; "
+        f"instance_norm keeps axis 0 as the batch: move the batch first")
+  reduction_axes = tuple(a for a in range(1, x.ndim) if a not in feature_axes)
+  if not reduction_axes:
+    raise ValueError(
+        f"instance_norm of x.shape={x.shape} with feature_axes={feature_axes} has no axis to "
+        f"reduce; give x spatial axes, e.g. (batch, length, channels)")
+  moments = stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
+                                 axis_index_groups=axis_index_groups)
+  yf = moments.standardize(x.astype(moments.var.dtype), epsilon)
+  return affine(yf, x, scale, bias, feature_axes, dtype)

@@ -1,0 +1,246 @@
+"""Flax Linen layers: drop-in for ``flax.linen``'s norms, thin over jaxnorm's pure functions.
+
+Each layer declares its variables under Flax's names (``params/scale``, ``params/bias``,
+``batch_stats/mean``, ``batch_stats/var``) and calls one function: a model can swap
+``flax.linen.BatchNorm`` for ``jaxnorm.linen.BatchNorm`` and keep its checkpoint.
+
+``use_fast_variance`` and ``force_float32_reductions`` are accepted so that Flax code runs
+unchanged; jaxnorm always reduces in at least float32 with its stable variance, which costs the
+same as Flax's fast one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+
+from jaxnorm._src import batch_norm as bn
+from jaxnorm._src import checks
+from jaxnorm._src import functional
+
+Initializer = Any
+Axes = Any
+
+
+def scale_and_bias(module: nn.Module, feature_shape: tuple[int, ...], *, use_scale: bool,
+                   use_bias: bool, scale_init: Initializer, bias_init: Initializer,
+                   param_dtype: Any) -> tuple[jax.Array | None, jax.Array | None]:
+  """Declares ``params/scale`` and ``params/bias`` of the feature shape, as Flax does."""
+  scale = module.param("scale", scale_init, feature_shape, param_dtype) if use_scale else None
+  bias = module.param("bias", bias_init, feature_shape, param_dtype) if use_bias else None
+  return scale, bias
+
+
+def feature_shape_of(x: jax.Array, axes: Axes, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The canonical feature axes of ``x`` and their shape."""
+  feature_axes = checks.canonical_axes(axes, x.ndim, name=name, shape=x.shape)
+  return feature_axes, tuple(x.shape[a] for a in feature_axes)
+
+
+def running_stats(module: nn.Module, feature_shape: tuple[int, ...]):
+  """Declares ``batch_stats/mean`` (zeros) and ``batch_stats/var`` (ones), in float32."""
+  mean = module.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
+  var = module.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+  return mean, var
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization (Ioffe and Szegedy 2015), drop-in for ``flax.linen.BatchNorm``.
+
+  Differences from Flax, all fixes: a stable variance at any offset; masked statistics pooled
+  by count across devices (a fully masked device contributes nothing); a batch with a
+  non-finite statistic, or fewer than 2 valid values, leaves a channel's running statistics
+  unchanged; the running variance averages the unbiased batch variance (as PyTorch).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
+    >>> layer = jnn.BatchNorm(use_running_average=False)
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+    >>> updates["batch_stats"]["mean"]
+    Array([0.03, 0.04], dtype=float32)
+  """
+  use_running_average: bool | None = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    x = checks.float_input(x, "BatchNorm")
+    feature_axes, feature_shape = feature_shape_of(x, self.axis, "axis")
+    mean, var = running_stats(self, feature_shape)
+    scale, bias = scale_and_bias(
+        self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,
+        scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype)
+    initializing = self.is_initializing()
+    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    training = not use_running_average
+    if initializing and bn.values_per_channel(x.shape, reduction_axes) < 2:
+      training = False  # Flax models are often initialized with a batch of one
+    y, new_stats = bn.batch_norm(
+        x, bn.BatchStats(mean.value, var.value), scale, bias, training=training,
+        axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon, where=mask,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+    if training and not initializing:
+      mean.value, var.value = new_stats
+    return y
+
+
+class LayerNorm(nn.Module):
+  """Layer normalization (Ba et al. 2016), drop-in for ``flax.linen.LayerNorm``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
+    >>> x = jnp.array([[1e4 + 1.0, 1e4 - 1.0]])
+    >>> jnn.LayerNorm(epsilon=0.0).init_with_output(jax.random.key(0), x)[0]
+    Array([[ 1., -1.]], dtype=float32)
+  """
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None):
+    x = checks.float_input(x, "LayerNorm")
+    feature_axes, feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
+    scale, bias = scale_and_bias(
+        self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,
+        scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype)
+    return functional.layer_norm(
+        x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=feature_axes,
+        epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root mean square normalization (Zhang and Sennrich 2019), drop-in for ``flax.linen.RMSNorm``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
+    >>> jnn.RMSNorm(epsilon=0.0).init_with_output(jax.random.key(0), jnp.array([[3.0, -3.0]]))[0]
+    Array([[ 1., -1.]], dtype=float32)
+  """
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None):
+    x = checks.float_input(x, "RMSNorm")
+    feature_axes, feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
+    scale, _ = scale_and_bias(
+        self, feature_shape, use_scale=self.use_scale, use_bias=False,
+        scale_init=self.scale_init, bias_init=None, param_dtype=self.param_dtype)
+    return functional.rms_norm(
+        x, scale, reduction_axes=self.reduction_axes, feature_axes=feature_axes,
+        epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+
+
+class GroupNorm(nn.Module):
+  """Group normalization (Wu and He 2018), drop-in for ``flax.linen.GroupNorm`` (channels last).
+
+  Unlike Flax's, it accepts a mask that broadcasts, such as ``(N, H, W, 1)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
+    >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
+    >>> jnn.GroupNorm(num_groups=2, epsilon=0.0).init_with_output(jax.random.key(0), x)[0]
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+  num_groups: int | None = 32
+  group_size: int | None = None
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes | None = None
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None):
+    x = checks.float_input(x, "GroupNorm")
+    scale, bias = scale_and_bias(
+        self, (x.shape[-1],), use_scale=self.use_scale, use_bias=self.use_bias,
+        scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype)
+    return functional.group_norm(
+        x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+        epsilon=self.epsilon, reduction_axes=self.reduction_axes, where=mask,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+
+
+class InstanceNorm(nn.Module):
+  """Instance normalization (Ulyanov et al. 2016), drop-in for ``flax.linen.InstanceNorm``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
+    >>> x = jnp.array([[[1.0, 10.0], [3.0, 30.0]]])
+    >>> jnn.InstanceNorm(epsilon=0.0).init_with_output(jax.random.key(0), x)[0][0]
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+  """
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  feature_axes: Axes = -1
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None):
+    x = checks.float_input(x, "InstanceNorm")
+    feature_axes, feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
+    scale, bias = scale_and_bias(
+        self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,
+        scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype)
+    return functional.instance_norm(
+        x, scale, bias, feature_axes=feature_axes, epsilon=self.epsilon, where=mask,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype)

@@ -1,0 +1,227 @@
+"""Moments of the valid elements of an array: masked, count-weighted, stable, cross-device.
+
+This file is the only place where jaxnorm reduces an array to a mean and a variance. Every
+normalization, every layer and the dataset statistics call it.
+
+The variance is computed in a *shifted* frame. With a reference value :math:`K` taken from the
+data itself (per channel, without gradient),
+
+.. math::
+
+   \\mu = K + \\frac{1}{n}\\sum_i (x_i - K), \\qquad
+   \\sigma^2 = \\frac{1}{n}\\sum_i (x_i - K)^2 - \\Big(\\frac{1}{n}\\sum_i (x_i - K)\\Big)^2 .
+
+Both sums come from one fused pass over ``x``, like the fast :math:`E[x^2] - E[x]^2` formula,
+but the cancellation happens between numbers of the size of the spread, not of the offset: float32
+data with standard deviation 1 at an offset of 1e6 keeps about 1e-6 relative accuracy, where the
+fast formula returns garbage from an offset of 1e4 (Chan, Golub and LeVeque, "Algorithms for
+computing the sample variance", 1983). Normalizing in the same frame,
+:math:`y = ((x - K) - (\\mu - K)) / \\sigma`, keeps the output accurate too.
+
+Across devices, each device reduces its own elements, then one ``all_gather`` brings every
+device's ``(count, shift, mean, var)`` to all of them, and they are merged with Chan's parallel
+formulas, weighted by count: the result is exactly the statistics of all valid elements together.
+A device with no valid element has count 0 and contributes nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.typing import ArrayLike
+
+from jaxnorm._src import checks
+
+Axes = int | Sequence[int]
+AxisName = Hashable
+
+
+class Moments(NamedTuple):
+  """Statistics of the valid elements, with reduced axes kept as size 1.
+
+  Attributes:
+    count: number of valid elements.
+    shift: the reference value :math:`K` (no gradient flows through it).
+    mean: the mean minus ``shift``.
+    var: the biased (population) variance.
+  """
+  count: Array
+  shift: Array
+  mean: Array
+  var: Array
+
+  @property
+  def full_mean(self) -> Array:
+    """The mean itself, ``shift + mean``."""
+    return self.shift + self.mean
+
+  def standardize(self, xf: Array, epsilon: float) -> Array:
+    """``(x - mean) / sqrt(var + epsilon)``, computed in the shifted frame."""
+    return ((xf - self.shift) - self.mean) * lax.rsqrt(self.var + epsilon)
+
+
+def _safe_divide(numerator: Array, count: Array) -> Array:
+  """numerator / count, and 0 (with zero gradient) where count is 0."""
+  return numerator / jnp.where(count > 0, count, 1)
+
+
+def _first_along(x: Array, axes: tuple[int, ...]) -> Array:
+  """x at index 0 of every axis in ``axes``, keeping them as size 1."""
+  index = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+  return x[index]
+
+
+def _shift(xf: Array, axes: tuple[int, ...], where: Array | None) -> Array:
+  """A reference value per channel, taken from the valid data, without gradient.
+
+  Unmasked: the first element along the reduced axes. Masked: the mean of the valid elements in
+  the first slice of the first reduced axis (a small part of x), or 0 where that slice has none.
+  Any value gives the same statistics in exact arithmetic; one near the data keeps them accurate.
+  """
+  if where is None:
+    return lax.stop_gradient(_first_along(xf, axes))
+  first, rest = axes[0], axes[1:]
+  index = tuple(slice(0, 1) if a == first else slice(None) for a in range(xf.ndim))
+  x_slice = xf[index]
+  w_slice = jnp.broadcast_to(where, xf.shape)[index]
+  total = jnp.sum(jnp.where(w_slice, x_slice, 0), axis=rest, keepdims=True)
+  count = jnp.sum(w_slice, axis=rest, keepdims=True, dtype=xf.dtype)
+  return lax.stop_gradient(_safe_divide(total, count))
+
+
+def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -> Moments:
+  """Moments of this device's valid elements of ``x`` over ``axes`` (kept as size 1)."""
+  x = jnp.asarray(x)
+  axes = checks.canonical_axes(axes, x.ndim, shape=x.shape)
+  where = checks.broadcast_mask(where, x.shape)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
+  shift = _shift(xf, axes, where)
+  centred = xf - shift
+  if where is None:
+    size = 1
+    for a in axes:
+      size *= x.shape[a]
+    count = jnp.full(shift.shape, size, xf.dtype)
+    total = jnp.sum(centred, axis=axes, keepdims=True)
+    total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
+  else:
+    centred = jnp.where(where, centred, 0)
+    count = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True, dtype=xf.dtype)
+    total = jnp.sum(centred, axis=axes, keepdims=True)
+    total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
+  mean = _safe_divide(total, count)
+  var = jnp.maximum(_safe_divide(total_sq, count) - mean * mean, 0)
+  return Moments(count, shift, mean, var)
+
+
+def pool_moments(moments: Moments, axis_name: AxisName, *,
+                 axis_index_groups: Sequence[Sequence[int]] | None = None) -> Moments:
+  """Merges every device's moments into those of all their elements, with one all_gather.
+
+  Chan's parallel formulas, weighted by count, in the frame of the first device that has a
+  valid element:
+
+  .. math::
+
+     n = \\sum_d n_d, \\quad \\mu = \\frac{1}{n}\\sum_d n_d \\mu_d, \\quad
+     \\sigma^2 = \\frac{1}{n}\\sum_d n_d\\big(\\sigma_d^2 + (\\mu_d - \\mu)^2\\big).
+  """
+  stacked = jnp.stack(moments)
+  gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+  counts, shifts, means, variances = (gathered[:, i] for i in range(4))
+  reference = jnp.argmax(counts > 0, axis=0)[None]
+  shift = lax.stop_gradient(jnp.take_along_axis(shifts, reference, axis=0)[0])
+  device_means = (shifts - shift) + means
+  count = jnp.sum(counts, axis=0)
+  mean = _safe_divide(jnp.sum(counts * device_means, axis=0), count)
+  spread = counts * (variances + jnp.square(device_means - mean))
+  var = _safe_divide(jnp.sum(spread, axis=0), count)
+  return Moments(count, shift, mean, var)
+
+
+def reduce_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
+                   axis_name: AxisName | None = None,
+                   axis_index_groups: Sequence[Sequence[int]] | None = None) -> Moments:
+  """Moments of the valid elements of ``x`` over ``axes`` and over the devices of ``axis_name``.
+
+  Returns a :class:`Moments` whose arrays keep the reduced axes as size 1, in float32 or wider.
+  Under sharded ``jit`` no ``axis_name`` is needed: XLA reduces over the shards itself.
+  """
+  moments = local_moments(x, axes, where=where)
+  if axis_name is not None:
+    moments = pool_moments(moments, axis_name, axis_index_groups=axis_index_groups)
+  return moments
+
+
+def moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
+            axis_name: AxisName | None = None,
+            axis_index_groups: Sequence[Sequence[int]] | None = None,
+            keepdims: bool = False) -> tuple[Array, Array]:
+  """Mean and (biased) variance of the valid elements of ``x`` over ``axes``.
+
+  .. math::
+
+     \\mu = \\frac{1}{n}\\sum_{i \\in \\text{valid}} x_i, \\qquad
+     \\sigma^2 = \\frac{1}{n}\\sum_{i \\in \\text{valid}} (x_i - \\mu)^2
+
+  Reduced in at least float32 with a shifted one-pass formula that stays accurate far from zero.
+  With ``axis_name``, the statistics are those of every device's valid elements together
+  (count-weighted, one collective); a device with none contributes nothing. Where no element is
+  valid at all, mean and variance are 0, never NaN.
+
+  Args:
+    x: input array (any real dtype; statistics come back in float32, or float64 for float64).
+    axes: the axes to reduce.
+    where: optional mask broadcastable to ``x``; only its True elements count.
+    axis_name: optional name of a mapped axis (``vmap``, ``pmap``, ``shard_map``) to pool over.
+    axis_index_groups: optional groups of device indices along ``axis_name`` to pool within.
+    keepdims: keep the reduced axes as size 1.
+
+  Returns:
+    ``(mean, var)``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> x = jnp.array([[1e6 + 1.0, 1e6 - 1.0], [1e6 + 3.0, 0.0]])
+    >>> mean, var = jaxnorm.moments(x, 0, where=x > 0)
+    >>> mean, var
+    (Array([1000002., 999999.], dtype=float32), Array([1., 0.], dtype=float32))
+  """
+  result = reduce_moments(x, axes, where=where, axis_name=axis_name,
+                          axis_index_groups=axis_index_groups)
+  mean, var = result.full_mean, result.var
+  if not keepdims:
+    axes = checks.canonical_axes(axes, jnp.ndim(x))
+    mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+  return mean, var
+
+
+def mean_square(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
+                axis_name: AxisName | None = None,
+                axis_index_groups: Sequence[Sequence[int]] | None = None) -> Array:
+  """Mean of ``x**2`` over the valid elements (reduced axes kept as size 1), pooled by count.
+
+  No cancellation can occur, so no shift is needed; across devices one ``psum`` of the stacked
+  count and sum of squares suffices.
+  """
+  x = jnp.asarray(x)
+  axes = checks.canonical_axes(axes, x.ndim, shape=x.shape)
+  where = checks.broadcast_mask(where, x.shape)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
+  squares = xf * xf
+  if where is None:
+    size = 1
+    for a in axes:
+      size *= x.shape[a]
+    total = jnp.sum(squares, axis=axes, keepdims=True)
+    count = jnp.full(total.shape, size, xf.dtype)
+  else:
+    total = jnp.sum(jnp.where(where, squares, 0), axis=axes, keepdims=True)
+    count = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True, dtype=xf.dtype)
+  if axis_name is not None:
+    count, total = lax.psum(jnp.stack([count, total]), axis_name,
+                            axis_index_groups=axis_index_groups)
+  return _safe_divide(total, count)
+
