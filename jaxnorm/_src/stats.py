@@ -73,12 +73,14 @@ def _first_along(x: Array, axes: tuple[int, ...]) -> Array:
   return x[index]
 
 
-def _shift(xf: Array, axes: tuple[int, ...], where: Array | None) -> Array:
+def _shift(xf: Array, axes: tuple[int, ...], where: Array | None, count: Array | None) -> Array:
   """A reference value per channel, taken from the valid data, without gradient.
 
   Unmasked: the first element along the reduced axes. Masked: the mean of the valid elements in
-  the first slice of the first reduced axis (a small part of x), or 0 where that slice has none.
-  Any value gives the same statistics in exact arithmetic; one near the data keeps them accurate.
+  the first slice of the first reduced axis (a small part of x); where that slice holds no valid
+  element of a channel that has some, the mean of all valid elements (an extra pass over x,
+  taken at run time only then). Any value gives the same statistics in exact arithmetic; one
+  within a few standard deviations of the data keeps them accurate.
   """
   if where is None:
     return lax.stop_gradient(_first_along(xf, axes))
@@ -86,9 +88,14 @@ def _shift(xf: Array, axes: tuple[int, ...], where: Array | None) -> Array:
   index = tuple(slice(0, 1) if a == first else slice(None) for a in range(xf.ndim))
   x_slice = xf[index]
   w_slice = jnp.broadcast_to(where, xf.shape)[index]
-  total = jnp.sum(jnp.where(w_slice, x_slice, 0), axis=rest, keepdims=True)
-  count = jnp.sum(w_slice, axis=rest, keepdims=True, dtype=xf.dtype)
-  return lax.stop_gradient(_safe_divide(total, count))
+  slice_total = jnp.sum(jnp.where(w_slice, x_slice, 0), axis=rest, keepdims=True)
+  slice_count = jnp.sum(w_slice, axis=rest, keepdims=True, dtype=xf.dtype)
+  needs_full_mean = jnp.any((slice_count == 0) & (count > 0))
+  shift = lax.cond(
+      needs_full_mean,
+      lambda: _safe_divide(jnp.sum(jnp.where(where, xf, 0), axis=axes, keepdims=True), count),
+      lambda: _safe_divide(slice_total, slice_count))
+  return lax.stop_gradient(shift)
 
 
 def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -> Moments:
@@ -97,20 +104,19 @@ def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -
   axes = checks.canonical_axes(axes, x.ndim, shape=x.shape)
   where = checks.broadcast_mask(where, x.shape)
   xf = x.astype(checks.reduction_dtype(x.dtype))
-  shift = _shift(xf, axes, where)
-  centred = xf - shift
   if where is None:
     size = 1
     for a in axes:
       size *= x.shape[a]
+    shift = _shift(xf, axes, None, None)
     count = jnp.full(shift.shape, size, xf.dtype)
-    total = jnp.sum(centred, axis=axes, keepdims=True)
-    total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
+    centred = xf - shift
   else:
-    centred = jnp.where(where, centred, 0)
     count = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True, dtype=xf.dtype)
-    total = jnp.sum(centred, axis=axes, keepdims=True)
-    total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
+    shift = _shift(xf, axes, where, count)
+    centred = jnp.where(where, xf - shift, 0)
+  total = jnp.sum(centred, axis=axes, keepdims=True)
+  total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
   mean = _safe_divide(total, count)
   var = jnp.maximum(_safe_divide(total_sq, count) - mean * mean, 0)
   return Moments(count, shift, mean, var)
