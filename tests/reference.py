@@ -53,3 +53,10 @@ def max_error(actual, expected, where=None):
   valid = mask_of(where, np.broadcast_shapes(actual.shape, expected.shape))
   diff = np.abs(np.broadcast_to(actual - expected, valid.shape))
   return float(diff[valid].max()) if valid.any() else 0.0
+
+
+def relative_error(actual, expected, where=None):
+  """Largest |actual - expected| / (1 + |expected|) over the valid positions."""
+  expected = np.asarray(expected, np.float64)
+  scale = 1 + np.abs(expected)
+  return max_error(np.asarray(actual, np.float64) / scale, expected / scale, where)

@@ -1,0 +1,183 @@
+"""layer_norm, rms_norm, group_norm, instance_norm and normalize against float64 references."""
+import functools
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from jax.test_util import check_grads
+
+import jaxnorm
+from tests import reference
+
+OFFSETS = [1e0, 1e2, 1e4, 1e5, 1e6, 1e7]
+
+
+def run(fn, use_jit, *args, **kwargs):
+  bound = functools.partial(fn, **kwargs)
+  return (jax.jit(bound) if use_jit else bound)(*args)
+
+
+def data(shape, offset=0.0, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal(shape) + offset).astype(dtype)
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("name", ["layer", "group", "instance", "batch"])
+def test_float32_far_from_zero_within_1e4_of_float64(name, offset):
+  """The issue's bar: float32 data with std 1 at offsets up to 1e6 (and 1e7) within 1e-4."""
+  x = data((16, 8, 32), offset)
+  if name == "layer":
+    y, ref = jaxnorm.layer_norm(x, epsilon=0.0), reference.standardize(x, (2,))
+  elif name == "group":
+    y, ref = jaxnorm.group_norm(x, num_groups=4, epsilon=0.0), reference.group_norm(x, 4)
+  elif name == "instance":
+    y, ref = jaxnorm.instance_norm(x, epsilon=0.0), reference.standardize(x, (1,))
+  else:
+    y, _ = jaxnorm.batch_norm(x, None, training=True, epsilon=0.0)
+    ref = reference.standardize(x, (0, 1))
+  assert reference.max_error(y, ref) < 1e-4
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_masked_far_from_zero_with_first_rows_masked(offset):
+  """The shift must come from valid data even when the first rows are padding (zeros)."""
+  x = data((64, 16), offset)
+  where = np.ones((64, 1), bool)
+  where[:5] = False
+  x[:5] = 0.0
+  y, _ = jaxnorm.batch_norm(x, None, training=True, epsilon=0.0, where=where)
+  assert reference.max_error(y, reference.standardize(x, (0,), where), where) < 1e-4
+  y = jaxnorm.layer_norm(x.T, epsilon=0.0, where=where.T)
+  assert reference.max_error(y, reference.standardize(x.T, (1,), where.T), where.T) < 1e-4
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@given(seed=st.integers(0, 10_000), masked=st.booleans(), rows=st.integers(1, 6),
+       features=st.integers(2, 9))
+def test_layer_norm_matches_reference(use_jit, seed, masked, rows, features):
+  rng = np.random.default_rng(seed)
+  x = data((rows, 3, features), 50.0, seed)
+  scale, bias = rng.standard_normal(features), rng.standard_normal(features)
+  where = rng.random((rows, 3, features)) < 0.7 if masked else None
+  y = run(jaxnorm.layer_norm, use_jit, x, scale.astype(np.float32), bias.astype(np.float32),
+          epsilon=1e-6, where=where)
+  ref = reference.standardize(x, (2,), where, 1e-6) * scale + bias
+  # Masked-out positions are normalized too, but with a spread they did not enter: compare
+  # the valid ones, relative to the output's size (two close values give a large output).
+  assert reference.relative_error(y, ref, reference.mask_of(where, x.shape)) < 1e-4
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_layer_norm_multiple_reduction_and_feature_axes(use_jit):
+  x = data((4, 5, 6), 3.0)
+  scale = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
+  y = run(jaxnorm.layer_norm, use_jit, x, scale, reduction_axes=(1, 2), feature_axes=(1, 2))
+  ref = reference.standardize(x, (1, 2), epsilon=1e-6) * scale
+  assert reference.max_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rms_norm_matches_reference(use_jit, masked):
+  rng = np.random.default_rng(2)
+  x = data((4, 7, 10), 2.0)
+  scale = rng.standard_normal(10).astype(np.float32)
+  where = rng.random((4, 7, 1)) < 0.5 if masked else None
+  y = run(jaxnorm.rms_norm, use_jit, x, scale, where=where)
+  ref = reference.rms_norm(x, (2,), where, 1e-6) * scale
+  assert reference.relative_error(y, ref, reference.mask_of(where, x.shape)) < 1e-5
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("groups,group_size", [(4, None), (None, 2), (1, None), (8, None)])
+def test_group_norm_matches_reference(use_jit, groups, group_size):
+  rng = np.random.default_rng(3)
+  x = data((3, 5, 4, 8), 100.0)
+  scale, bias = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+  y = run(jaxnorm.group_norm, use_jit, x, scale, bias, num_groups=groups, group_size=group_size)
+  ref = reference.group_norm(x, groups or 8 // group_size, epsilon=1e-6) * scale + bias
+  assert reference.max_error(y, ref) < 1e-4
+
+
+@pytest.mark.parametrize("mask_shape", [(3, 5, 4, 8), (3, 5, 4, 1), (3, 1, 1, 8), (1, 5, 4, 1)])
+def test_group_norm_accepts_masks_that_broadcast(mask_shape):
+  rng = np.random.default_rng(4)
+  x = data((3, 5, 4, 8), 10.0)
+  where = rng.random(mask_shape) < 0.6
+  where.reshape(-1)[0] = True
+  y = jaxnorm.group_norm(x, num_groups=4, where=where)
+  full = np.broadcast_to(where, x.shape)
+  np.testing.assert_allclose(y, jaxnorm.group_norm(x, num_groups=4, where=full), atol=1e-6)
+  ref = reference.group_norm(x, 4, full, 1e-6)
+  valid = np.broadcast_to(
+      full.reshape(3, 5, 4, 4, 2).any(axis=(1, 2, 4), keepdims=True), (3, 5, 4, 4, 2))
+  assert reference.max_error(y, ref, valid.reshape(x.shape)) < 1e-4
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_instance_norm_matches_reference(use_jit):
+  x = data((2, 6, 5, 3), -40.0)
+  y = run(jaxnorm.instance_norm, use_jit, x)
+  assert reference.max_error(y, reference.standardize(x, (1, 2), epsilon=1e-6)) < 1e-5
+
+
+def test_normalize_with_given_statistics():
+  x = data((10, 4), 5.0)
+  mean, var = np.arange(4.0), np.arange(1.0, 5.0)
+  scale, bias = np.full(4, 2.0), np.full(4, -1.0)
+  y = jaxnorm.normalize(x, mean, var, scale, bias, epsilon=1e-3)
+  ref = (x.astype(np.float64) - mean) / np.sqrt(var + 1e-3) * 2 - 1
+  assert reference.max_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_in_half_precision_out(dtype):
+  x = jnp.asarray(data((8, 64), 300.0), dtype)
+  y = jaxnorm.layer_norm(x)
+  assert y.dtype == dtype
+  ref = reference.standardize(np.asarray(x, np.float32), (1,), epsilon=1e-6)
+  tol = reference.TOLERANCE[jnp.dtype(dtype).name]
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=tol * 10, rtol=tol * 2)
+  # float32 parameters promote the output, as in Flax
+  assert jaxnorm.layer_norm(x, jnp.ones(64)).dtype == jnp.float32
+  assert jaxnorm.layer_norm(x, jnp.ones(64), dtype=dtype).dtype == dtype
+
+
+@pytest.mark.parametrize("fn", [
+    functools.partial(jaxnorm.layer_norm, reduction_axes=(1, 2), feature_axes=2),
+    functools.partial(jaxnorm.rms_norm, reduction_axes=2),
+    functools.partial(jaxnorm.group_norm, num_groups=2),
+    jaxnorm.instance_norm,
+    lambda x, s, b: jaxnorm.batch_norm(x, None, s, b, training=True)[0],
+])
+def test_gradients_of_input_scale_and_bias(fn):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((3, 4, 4)) * 2 + 5, jnp.float32)
+  scale = jnp.asarray(rng.standard_normal(4) + 1, jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(4), jnp.float32)
+  if fn.__class__ is functools.partial and fn.func is jaxnorm.rms_norm:
+    check_grads(lambda x, s: fn(x, s), (x, scale), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+  else:
+    check_grads(fn, (x, scale, bias), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+def test_layer_norm_gradient_equals_float64_analytic():
+  """dL/dx for L = sum(w * y): (w - mean(w) - y * mean(w * y)) / sigma, per row."""
+  rng = np.random.default_rng(6)
+  x = data((5, 16), 1e4, 6)
+  w = rng.standard_normal((5, 16)).astype(np.float32)
+  grad = jax.grad(lambda x: jnp.sum(w * jaxnorm.layer_norm(x, epsilon=0.0)))(x)
+  y = reference.standardize(x, (1,))
+  sigma = np.asarray(x, np.float64).std(axis=1, keepdims=True)
+  expected = (w - w.mean(1, keepdims=True) - y * (w * y).mean(1, keepdims=True)) / sigma
+  np.testing.assert_allclose(grad, expected, atol=2e-4)
+
+
+def test_works_under_vmap_over_examples():
+  x = data((6, 4, 8), 3.0)
+  y = jax.vmap(lambda row: jaxnorm.layer_norm(row))(x)
+  np.testing.assert_allclose(y, jaxnorm.layer_norm(x), atol=1e-6)
