@@ -25,9 +25,11 @@ A device with no valid element has count 0 and contributes nothing.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike
@@ -122,6 +124,27 @@ def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -
   return Moments(count, shift, mean, var)
 
 
+_GATHER_CAN_BE_INVARIANT = "to" in inspect.signature(lax.all_gather).parameters
+
+
+def _all_gather(stacked: Array, axis_name: AxisName,
+                axis_index_groups: Sequence[Sequence[int]] | None) -> Array:
+  """``lax.all_gather``, typed as the same on every device where ``shard_map`` tracks that.
+
+  Inside ``jax.shard_map`` (with its default ``check_vma=True``) a plain all_gather's result
+  counts as varying across devices, so pooled statistics could not leave with ``out_specs=P()``
+  nor be stored as replicated running statistics. There the gather is the invariant one, whose
+  transpose is the matching slice of the cotangent. Under ``vmap`` and ``pmap`` (nothing tracked)
+  it is the plain one, whose transpose sums every device's cotangent.
+  """
+  names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+  aval = jax.typeof(stacked) if hasattr(jax, "typeof") else None
+  varying = getattr(aval, "vma", None) or getattr(getattr(aval, "mat", None), "varying", ())
+  if _GATHER_CAN_BE_INVARIANT and axis_index_groups is None and names <= set(varying):
+    return lax.all_gather(stacked, axis_name, to="invarying")
+  return lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+
+
 def pool_moments(moments: Moments, axis_name: AxisName, *,
                  axis_index_groups: Sequence[Sequence[int]] | None = None) -> Moments:
   """Merges every device's moments into those of all their elements, with one all_gather.
@@ -135,7 +158,7 @@ def pool_moments(moments: Moments, axis_name: AxisName, *,
      \\sigma^2 = \\frac{1}{n}\\sum_d n_d\\big(\\sigma_d^2 + (\\mu_d - \\mu)^2\\big).
   """
   stacked = jnp.stack(moments)
-  gathered = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+  gathered = _all_gather(stacked, axis_name, axis_index_groups)
   counts, shifts, means, variances = (gathered[:, i] for i in range(4))
   reference = jnp.argmax(counts > 0, axis=0)[None]
   shift = lax.stop_gradient(jnp.take_along_axis(shifts, reference, axis=0)[0])
