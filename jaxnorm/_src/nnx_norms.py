@@ -1,0 +1,474 @@
+"""Flax NNX layers: drop-in for ``flax.nnx``'s norms, thin over jaxnorm's pure functions.
+
+Each layer takes ``flax.nnx``'s constructor arguments (``num_features``, ``rngs``, ...), holds
+``nnx.Param`` ``scale`` and ``bias`` and, for batch norm, ``nnx.BatchStat`` ``mean`` and ``var``
+under Flax's names, and calls one function of :mod:`jaxnorm`: a model can swap
+``flax.nnx.BatchNorm`` for ``jaxnorm.nnx.BatchNorm`` and keep its checkpoint.
+
+``use_fast_variance`` and ``promote_dtype`` are accepted so that Flax code runs unchanged;
+jaxnorm always reduces in at least float32 with its stable variance and keeps running statistics
+in float32 (``flax.nnx`` casts them, and the input, to ``dtype`` first: with ``dtype=bfloat16`` a
+running mean of 300.3 becomes 300). ``rngs`` may be omitted when the initializers are constant.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import errors
+from flax import nnx
+from flax.nnx.nn import initializers
+
+from jaxnorm._src import batch_norm as bn
+from jaxnorm._src import checks
+from jaxnorm._src import functional
+
+Initializer = Any
+Axes = Any
+Features = int | tuple[int, ...]
+NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+def feature_shape_of(num_features: Features) -> tuple[int, ...]:
+  """``num_features`` as a shape: an int (as in Flax) or a tuple for several feature axes."""
+  if isinstance(num_features, (int, np.integer)):
+    return (int(num_features),)
+  return tuple(int(n) for n in num_features)
+
+
+def param(init: Initializer, shape: tuple[int, ...], dtype: Any, rngs: nnx.Rngs | None,
+          metadata: Mapping[str, Any]) -> nnx.Param:
+  """An ``nnx.Param`` from ``init``, with a key from ``rngs.params()`` as Flax draws it."""
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, shape, dtype), **metadata)
+
+
+def scale_and_bias(feature_shape: tuple[int, ...], *, use_scale: bool, use_bias: bool,
+                   scale_init: Initializer, bias_init: Initializer, param_dtype: Any,
+                   rngs: nnx.Rngs | None, scale_metadata: Mapping[str, Any],
+                   bias_metadata: Mapping[str, Any]) -> tuple[Any, Any]:
+  """``scale`` and ``bias`` params (or None), keys drawn in Flax's order: scale, then bias."""
+  scale = (param(scale_init, feature_shape, param_dtype, rngs, scale_metadata) if use_scale
+           else nnx.data(None))
+  bias = (param(bias_init, feature_shape, param_dtype, rngs, bias_metadata) if use_bias
+          else nnx.data(None))
+  return scale, bias
+
+
+def value(variable: nnx.Variable | None) -> jax.Array | None:
+  """The array a variable holds, or None for a parameter the layer does not use."""
+  return None if variable is None else variable[...]
+
+
+def check_features(x: jax.Array, axes: Axes, feature_shape: tuple[int, ...], *, layer: str,
+                   name: str) -> tuple[int, ...]:
+  """The canonical feature axes of ``x``, checked against the layer's ``num_features``."""
+  feature_axes = checks.canonical_axes(axes, x.ndim, name=name, shape=x.shape)
+  found = tuple(x.shape[a] for a in feature_axes)
+  if found != feature_shape:
+    given = feature_shape[0] if len(feature_shape) == 1 else feature_shape
+    wanted = found[0] if len(found) == 1 else found
+    raise ValueError(
+        f"{layer}(num_features={given}) got x.shape={x.shape}, whose {name}={axes} hold "
+        f"{wanted} features; build the layer with num_features={wanted} or pass {name} "
+        f"naming the feature axes")
+  return feature_axes
+
+
+def store(variable: nnx.Variable, new_value: jax.Array, layer: str) -> None:
+  """Writes running statistics, which carry no gradient, into ``variable``."""
+  try:
+    variable[...] = jax.lax.stop_gradient(new_value)
+  except errors.TraceContextError as error:
+    raise errors.TraceContextError(
+        f"{layer} in training updates its running statistics, but it was called inside a JAX "
+        f"transform that closes over the model instead of taking it as an argument; pass "
+        f"the model in, e.g. nnx.vmap(lambda model, x: model(x), in_axes=(None, 1), "
+        f"axis_name='batch') or nnx.eval_shape(lambda model, x: model(x), model, x), or call "
+        f"nnx.view(model, use_running_average=True) if the statistics should not change"
+    ) from error
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalization (Ioffe and Szegedy 2015), drop-in for ``flax.nnx.BatchNorm``.
+
+  .. math:: y = \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} \\cdot \\gamma + \\beta
+
+  In training, :math:`\\mu_B, \\sigma^2_B` are the statistics of the batch (over every axis but
+  ``axis``, pooled by count over the devices or ``nnx.vmap`` lanes of ``axis_name``) and the
+  running statistics ``mean`` and ``var`` move towards them; in evaluation the running
+  statistics are used and left unchanged. :func:`jaxnorm.batch_norm` does the work.
+
+  ``model.train()`` and ``model.eval()`` set ``use_running_average`` (False, True), as does
+  ``nnx.view(model, use_running_average=...)``; the argument of ``__call__`` overrides it.
+
+  Differences from Flax, all fixes: a stable variance at any offset; masked statistics pooled
+  by count across devices; running statistics kept in float32 whatever ``dtype``; a batch with a
+  non-finite statistic, or fewer than 2 valid values, leaves a channel's running statistics
+  unchanged; the running variance averages the unbiased batch variance (as PyTorch).
+
+  Args:
+    num_features: the size of the feature axis (a tuple when ``axis`` names several).
+    use_running_average: normalize with the running statistics (evaluation) if True.
+    axis: the feature axis or axes.
+    momentum: weight of the old running statistics in their moving average.
+    epsilon: added to the variance.
+    dtype: the output dtype (default: result type of the input and parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale: whether to learn ``bias`` (:math:`\\beta`) and ``scale``
+      (:math:`\\gamma`).
+    bias_init, scale_init: their initializers.
+    axis_name, axis_index_groups: pool the batch statistics over these devices or lanes.
+    use_fast_variance, promote_dtype: accepted for compatibility with Flax, not used.
+    rngs: keys for the initializers (optional when they are constant).
+    bias_metadata, scale_metadata: metadata of the ``nnx.Param`` (e.g. sharding).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> layer = jnnx.BatchNorm(2, momentum=0.9)
+    >>> y = layer(jnp.arange(8.0).reshape(4, 2))
+    >>> layer.mean[...]
+    Array([0.3, 0.4], dtype=float32)
+    >>> layer.eval()
+    >>> layer.use_running_average
+    True
+  """
+
+  def __init__(
+      self,
+      num_features: Features,
+      *,
+      use_running_average: bool | None = False,
+      axis: Axes = -1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Any = None,
+      rngs: nnx.Rngs | None = None,
+      bias_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_metadata: Mapping[str, Any] = NO_METADATA,
+  ):
+    feature_shape = feature_shape_of(num_features)
+    running = bn.init_batch_stats(feature_shape, jnp.float32)
+    self.mean = nnx.BatchStat(running.mean)
+    self.var = nnx.BatchStat(running.var)
+    self.scale, self.bias = scale_and_bias(
+        feature_shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+        bias_init=bias_init, param_dtype=param_dtype, rngs=rngs, scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    """Normalizes ``x``; in training, also updates ``mean`` and ``var``.
+
+    Args:
+      x: the input, at least 2 values per feature in training (unless ``axis_name`` pools).
+      use_running_average: overrides the attribute of the same name for this call.
+      mask: optional boolean array broadcastable to ``x``: only its True elements enter the
+        batch statistics.
+
+    Returns:
+      The normalized input, of the shape of ``x``.
+    """
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(
+          "BatchNorm needs use_running_average: pass it to the constructor "
+          "(BatchNorm(..., use_running_average=False)), to the call (layer(x, "
+          "use_running_average=True)), or set it with model.train() / model.eval()")
+    x = checks.float_input(x, "BatchNorm")
+    feature_axes = check_features(x, self.axis, self.mean[...].shape, layer="BatchNorm",
+                                  name="axis")
+    training = not use_running_average
+    y, running = bn.batch_norm(
+        x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
+        training=training, axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
+        where=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        dtype=self.dtype)
+    if training:
+      store(self.mean, running.mean, "BatchNorm")
+      store(self.var, running.var, "BatchNorm")
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view(model, use_running_average=...)``."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class LayerNorm(nnx.Module):
+  """Layer normalization (Ba, Kiros and Hinton 2016), drop-in for ``flax.nnx.LayerNorm``.
+
+  .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\cdot \\gamma
+     + \\beta
+
+  with the statistics of each example over ``reduction_axes`` (:func:`jaxnorm.layer_norm`).
+  Arguments as ``flax.nnx.LayerNorm``; ``num_features`` may be a tuple when ``feature_axes``
+  names several axes.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> jnnx.LayerNorm(2, epsilon=0.0)(jnp.array([[1e4 + 1.0, 1e4 - 1.0]]))
+    Array([[ 1., -1.]], dtype=float32)
+  """
+
+  def __init__(
+      self,
+      num_features: Features,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Any = None,
+      rngs: nnx.Rngs | None = None,
+      bias_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_metadata: Mapping[str, Any] = NO_METADATA,
+  ):
+    self.scale, self.bias = scale_and_bias(
+        feature_shape_of(num_features), use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask=None):
+    """Normalizes each example of ``x``; ``mask`` selects the elements that enter the stats."""
+    x = checks.float_input(x, "LayerNorm")
+    feature_axes = check_features(x, self.feature_axes, feature_shape_of(self.num_features),
+                                  layer="LayerNorm", name="feature_axes")
+    return functional.layer_norm(
+        x, value(self.scale), value(self.bias), reduction_axes=self.reduction_axes,
+        feature_axes=feature_axes, epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root mean square normalization (Zhang and Sennrich 2019), drop-in for ``flax.nnx.RMSNorm``.
+
+  .. math:: y = \\frac{x}{\\sqrt{\\mathrm{E}[x^2] + \\epsilon}} \\cdot \\gamma
+
+  over ``reduction_axes`` (:func:`jaxnorm.rms_norm`). Arguments as ``flax.nnx.RMSNorm``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> jnnx.RMSNorm(2, epsilon=0.0)(jnp.array([[3.0, -3.0]]))
+    Array([[ 1., -1.]], dtype=float32)
+  """
+
+  def __init__(
+      self,
+      num_features: Features,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_scale: bool = True,
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Any = None,
+      rngs: nnx.Rngs | None = None,
+      scale_metadata: Mapping[str, Any] = NO_METADATA,
+  ):
+    self.scale, _ = scale_and_bias(
+        feature_shape_of(num_features), use_scale=use_scale, use_bias=False,
+        scale_init=scale_init, bias_init=None, param_dtype=param_dtype, rngs=rngs,
+        scale_metadata=scale_metadata, bias_metadata=NO_METADATA)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, mask=None):
+    """Normalizes each example of ``x``; ``mask`` selects the elements that enter the stats."""
+    x = checks.float_input(x, "RMSNorm")
+    feature_axes = check_features(x, self.feature_axes, feature_shape_of(self.num_features),
+                                  layer="RMSNorm", name="feature_axes")
+    return functional.rms_norm(
+        x, value(self.scale), reduction_axes=self.reduction_axes, feature_axes=feature_axes,
+        epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+
+
+class GroupNorm(nnx.Module):
+  """Group normalization (Wu and He 2018), drop-in for ``flax.nnx.GroupNorm`` (channels last).
+
+  .. math:: y_{n,\\dots,c} = \\frac{x_{n,\\dots,c} - \\mu_{n,g(c)}}{\\sqrt{\\sigma^2_{n,g(c)}
+     + \\epsilon}} \\cdot \\gamma_c + \\beta_c
+
+  over each group of ``num_features / num_groups`` consecutive channels
+  (:func:`jaxnorm.group_norm`). Unlike Flax's, it accepts a mask that broadcasts, such as
+  ``(N, H, W, 1)``. Give exactly one of ``num_groups`` and ``group_size``; both are then set.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> jnnx.GroupNorm(4, num_groups=2, epsilon=0.0)(jnp.array([[1.0, 3.0, 10.0, 30.0]]))
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      num_groups: int | None = 32,
+      group_size: int | None = None,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      reduction_axes: Axes | None = None,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Any = None,
+      rngs: nnx.Rngs | None = None,
+      bias_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_metadata: Mapping[str, Any] = NO_METADATA,
+  ):
+    self.num_groups = functional.num_groups_for(num_features, num_groups, group_size,
+                                                (num_features,))
+    self.group_size = num_features // self.num_groups
+    self.scale, self.bias = scale_and_bias(
+        (num_features,), use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+        bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask=None):
+    """Normalizes each example of ``x`` per group of channels (the last axis)."""
+    x = checks.float_input(x, "GroupNorm")
+    check_features(x, -1, (self.num_features,), layer="GroupNorm", name="the last axis")
+    return functional.group_norm(
+        x, value(self.scale), value(self.bias), num_groups=self.num_groups,
+        epsilon=self.epsilon, reduction_axes=self.reduction_axes, where=mask,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+
+
+class InstanceNorm(nnx.Module):
+  """Instance normalization (Ulyanov et al. 2016), drop-in for ``flax.nnx.InstanceNorm``.
+
+  .. math:: y_{n,\\dots,c} = \\frac{x_{n,\\dots,c} - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c}
+     + \\epsilon}} \\cdot \\gamma_c + \\beta_c
+
+  with the statistics of each example and channel over the remaining axes
+  (:func:`jaxnorm.instance_norm`). Arguments as ``flax.nnx.InstanceNorm``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> jnnx.InstanceNorm(2, epsilon=0.0)(jnp.array([[[1.0, 10.0], [3.0, 30.0]]]))[0]
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+  """
+
+  def __init__(
+      self,
+      num_features: Features,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      feature_axes: Axes = -1,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Any = None,
+      rngs: nnx.Rngs | None = None,
+      bias_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_metadata: Mapping[str, Any] = NO_METADATA,
+  ):
+    self.scale, self.bias = scale_and_bias(
+        feature_shape_of(num_features), use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, mask=None):
+    """Normalizes each example and channel of ``x`` over its other axes."""
+    x = checks.float_input(x, "InstanceNorm")
+    feature_axes = check_features(x, self.feature_axes, feature_shape_of(self.num_features),
+                                  layer="InstanceNorm", name="feature_axes")
+    return functional.instance_norm(
+        x, value(self.scale), value(self.bias), feature_axes=feature_axes,
+        epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
