@@ -1,0 +1,67 @@
+"""Each example in examples/ runs once in its quick mode and shows what it claims."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str, timeout: int = 240) -> str:
+  """Runs ``examples/name`` in a fresh interpreter and returns its standard output."""
+  env = dict(os.environ, MPLBACKEND="Agg")
+  result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=EXAMPLES.parent)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_quickstart_trains_and_standardizes_far_from_zero():
+  out = run_example("quickstart.py")
+  variances = re.search(r"var\s+= \[([^\]]+)\]", out).group(1).split()
+  assert all(0.8 < float(v) < 1.2 for v in variances), out  # std-1 data at 1e4: var near 1
+  losses = [float(v) for v in re.findall(r"train loss ([\d.]+)", out)]
+  assert losses[-1] < losses[0] / 10, out
+
+
+def test_swap_flax_batchnorm_keeps_checkpoint_and_fixes_far_data():
+  out = run_example("swap_flax_batchnorm.py", "--quick")
+  difference = float(re.search(r"max \|output difference\| ([\d.e+-]+)", out).group(1))
+  assert difference < 1e-4, out
+  flax_std, jaxnorm_std = map(float, re.search(
+      r"flax ([\d.e+-]+), jaxnorm ([\d.e+-]+)", out).groups())
+  assert abs(jaxnorm_std - 1) < 0.01 and abs(flax_std - 1) > 1, out
+
+
+def test_sync_batchnorm_shard_map_equals_one_device():
+  out = run_example("sync_batchnorm_shard_map.py", "--quick")
+  differences = [float(v) for v in re.findall(r"running statistics ([\d.e+-]+)", out)]
+  assert len(differences) == 2 and max(differences) < 1e-4, out
+  assert "running mean finite: True" in out
+
+
+def test_mnist1d_batchnorm_quick():
+  out = run_example("mnist1d_batchnorm.py", "--quick")
+  assert "| BatchNorm |" in out and "| no norm |" in out, out
+
+
+def test_batch_size_study_quick():
+  out = run_example("batch_size_study.py", "--quick")
+  for label in ("BatchNorm", "BatchRenorm", "GroupNorm(8)", "LayerNorm"):
+    assert f"| {label} |" in out, out
+
+
+def test_study_training_loop_learns_mnist1d():
+  """The studies' training loop learns MNIST-1D: far above chance after a short run."""
+  sys.path.insert(0, str(EXAMPLES))
+  try:
+    import common
+    data = common.mnist1d(1000)
+    run = common.train(common.CNN(norm="batch"), data, batch_size=50, steps=200,
+                       learning_rate=1e-2, evaluations=2)
+  finally:
+    sys.path.remove(str(EXAMPLES))
+  assert run.test_accuracy > 0.4  # chance is 0.1
+  assert run.curve_loss[-1] < run.curve_loss[0]
