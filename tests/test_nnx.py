@@ -1,0 +1,497 @@
+"""jaxnorm.nnx layers: drop-in for flax.nnx, same outputs as jaxnorm.linen, and NNX transforms.
+
+Each layer is checked for flax.nnx's state (names, variable types, shapes, dtypes), for the same
+outputs and running statistics as the jaxnorm.linen layer applied to the same variables (with
+and without jit, with masks), against a float64 reference, and against flax.nnx on data near
+zero (where flax is right). Then: train()/eval()/nnx.view, bfloat16 running statistics, a
+training loop with nnx.Optimizer and optax, and nnx.jit, nnx.vmap (flax issue 4760), nnx.scan,
+nnx.split/merge, nnx.eval_shape (flax issue 4734) and orbax checkpoints.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import errors
+from flax import nnx
+
+import jaxnorm.linen as jnn
+import jaxnorm.nnx as jnnx
+from tests import reference
+
+# name -> (constructor kwargs, input shape, axes the statistics are over)
+LAYERS = {
+    "BatchNorm": ({"num_features": 4}, (6, 5, 4), (0, 1)),
+    "BatchNorm_axis1": ({"num_features": 5, "axis": 1}, (6, 5, 4), (0, 2)),
+    "LayerNorm": ({"num_features": 8}, (3, 5, 8), (2,)),
+    "LayerNorm_two_axes": ({"num_features": (5, 8), "reduction_axes": (1, 2),
+                            "feature_axes": (1, 2)}, (3, 5, 8), (1, 2)),
+    "RMSNorm": ({"num_features": 8}, (3, 5, 8), (2,)),
+    "GroupNorm": ({"num_features": 8, "num_groups": 4}, (3, 5, 8), None),
+    "GroupNorm_size": ({"num_features": 8, "num_groups": None, "group_size": 4}, (3, 5, 8),
+                       None),
+    "InstanceNorm": ({"num_features": 8}, (3, 5, 8), (1,)),
+}
+FLAX_COMPARABLE = [n for n in LAYERS if n != "LayerNorm_two_axes"]  # flax: one feature axis
+
+
+def data(shape, offset=2.0, seed=0, dtype=np.float32):
+  return (np.random.default_rng(seed).standard_normal(shape) * 1.5 + offset).astype(dtype)
+
+
+def class_name(name):
+  return name.split("_")[0]
+
+
+def nnx_layer(module, name, rngs_seed=0, **extra):
+  kwargs = {**LAYERS[name][0], **extra}
+  return getattr(module, class_name(name))(**kwargs, rngs=nnx.Rngs(rngs_seed))
+
+
+def randomize(layer, seed=1):
+  """Gives the layer random params (scale near 1, bias near 0) and running statistics."""
+  rng = np.random.default_rng(seed)
+  for variable_name, base in (("scale", 1.0), ("bias", 0.0), ("mean", 0.5), ("var", 2.0)):
+    variable = getattr(layer, variable_name, None)
+    if variable is not None:
+      noise = rng.standard_normal(variable[...].shape) * 0.3
+      variable[...] = jnp.asarray(base + noise if variable_name != "var" else base + abs(noise),
+                                  variable[...].dtype)
+  return layer
+
+
+def linen_of(layer, name):
+  """The jaxnorm.linen layer and variables holding the same values as an nnx layer."""
+  kwargs = {k: v for k, v in LAYERS[name][0].items() if k != "num_features"}
+  variables = {"params": {k: getattr(layer, k)[...] for k in ("scale", "bias")
+                          if getattr(layer, k, None) is not None}}
+  if class_name(name) == "BatchNorm":
+    variables["batch_stats"] = {"mean": layer.mean[...], "var": layer.var[...]}
+  return getattr(jnn, class_name(name))(**kwargs), variables
+
+
+def state_signature(module):
+  """Path, variable type, shape and dtype of every variable of a module."""
+  return sorted((tuple(map(str, path)), type(v).__name__, v[...].shape, str(v[...].dtype))
+                for path, v in nnx.to_flat_state(nnx.state(module)))
+
+
+# -- drop-in for flax.nnx ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FLAX_COMPARABLE)
+@pytest.mark.parametrize("options", [{}, {"use_bias": False}, {"use_scale": False},
+                                     {"param_dtype": jnp.bfloat16}])
+def test_state_identical_to_flax_nnx(name, options):
+  if class_name(name) == "RMSNorm":
+    options = {k: v for k, v in options.items() if k != "use_bias"}
+  ours = nnx_layer(jnnx, name, **options)
+  theirs = nnx_layer(nnx, name, **options)
+  assert state_signature(ours) == state_signature(theirs)
+
+
+def test_flax_state_loads_into_jaxnorm_layer_and_random_inits_match():
+  init = nnx.initializers.normal(1.0)
+  theirs = nnx.BatchNorm(4, scale_init=init, bias_init=init, rngs=nnx.Rngs(3))
+  ours = jnnx.BatchNorm(4, scale_init=init, bias_init=init, rngs=nnx.Rngs(3))
+  np.testing.assert_array_equal(ours.scale[...], theirs.scale[...])  # keys drawn as flax does
+  np.testing.assert_array_equal(ours.bias[...], theirs.bias[...])
+  theirs(data((8, 4)))
+  nnx.update(ours, nnx.state(theirs))
+  np.testing.assert_array_equal(ours.mean[...], theirs.mean[...])
+
+
+# -- same outputs as jaxnorm.linen on the same variables -----------------------------------------
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_same_outputs_and_running_stats_as_linen(name, masked, use_jit):
+  layer = randomize(nnx_layer(jnnx, name))
+  linen, variables = linen_of(layer, name)
+  shape = LAYERS[name][1]
+  x = data(shape, offset=30.0)
+  mask = np.random.default_rng(2).random(shape[:-1] + (1,)) < 0.7 if masked else None
+  batch_norm = class_name(name) == "BatchNorm"
+  call = (lambda m, x, mask: m(x, mask=mask))
+  call = nnx.jit(call) if use_jit else call
+  y = call(layer, x, mask)
+  if batch_norm:
+    y_linen, updates = linen.apply(variables, x, use_running_average=False, mask=mask,
+                                   mutable=["batch_stats"])
+    for stat in ("mean", "var"):
+      np.testing.assert_allclose(getattr(layer, stat)[...], updates["batch_stats"][stat],
+                                 rtol=1e-6)
+    layer.eval()
+    np.testing.assert_allclose(
+        call(layer, x, mask), linen.apply({**variables, **updates}, x, use_running_average=True),
+        rtol=1e-6, atol=1e-6)
+  else:
+    y_linen = linen.apply(variables, x, mask=mask)
+  np.testing.assert_allclose(y, y_linen, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_output_matches_float64_reference_at_large_offset(name):
+  layer = nnx_layer(jnnx, name, epsilon=0.0)
+  x = data(LAYERS[name][1], offset=1e4)
+  y = layer(x)
+  if class_name(name) == "GroupNorm":
+    expected = reference.group_norm(x, layer.num_groups)
+  elif class_name(name) == "RMSNorm":
+    expected = reference.rms_norm(x, LAYERS[name][2])
+  else:
+    expected = reference.standardize(x, LAYERS[name][2])
+  assert reference.max_error(y, expected) < 2e-3  # flax.nnx: errors of hundreds here
+
+
+@pytest.mark.parametrize("name", FLAX_COMPARABLE)
+def test_agrees_with_flax_nnx_near_zero(name):
+  ours, theirs = nnx_layer(jnnx, name), nnx_layer(nnx, name)
+  nnx.update(theirs, nnx.state(randomize(ours)))
+  x = data(LAYERS[name][1], offset=0.5)
+  np.testing.assert_allclose(ours(x), theirs(x), rtol=2e-5, atol=2e-5)
+  if class_name(name) == "BatchNorm":
+    np.testing.assert_allclose(ours.mean[...], theirs.mean[...], rtol=1e-6, atol=1e-7)
+    count = np.prod([x.shape[a] for a in LAYERS[name][2]])
+    # flax averages the biased batch variance, jaxnorm the unbiased one (as PyTorch)
+    flax_batch_var = (theirs.var[...] - 0.99 * ours_var_before(name)) / 0.01
+    np.testing.assert_allclose(ours.var[...], 0.99 * ours_var_before(name)
+                               + 0.01 * flax_batch_var * count / (count - 1), rtol=1e-4)
+
+
+def ours_var_before(name):
+  return randomize(nnx_layer(jnnx, name)).var[...]
+
+
+def test_flax_nnx_batch_norm_fails_at_offset_1e4_and_jaxnorm_does_not():
+  x = data((64, 4), offset=1e4, seed=5)
+  ours, theirs = jnnx.BatchNorm(4, epsilon=0.0), nnx.BatchNorm(4, epsilon=0.0, rngs=nnx.Rngs(0))
+  assert abs(float(np.std(ours(x))) - 1) < 1e-3
+  assert not abs(float(np.std(theirs(x))) - 1) < 0.1  # E[x^2] - E[x]^2: wrong, even inf
+
+
+def test_gradients_match_linen():
+  layer = randomize(jnnx.BatchNorm(4))
+  linen, variables = linen_of(layer, "BatchNorm")
+  x = data((6, 5, 4), offset=3.0)
+  weights = jnp.asarray(data((6, 5, 4), seed=9))
+
+  def nnx_loss(model):
+    return jnp.sum(model(x) * weights)
+
+  def linen_loss(params):
+    y, _ = linen.apply({**variables, "params": params}, x, use_running_average=False,
+                       mutable=["batch_stats"])
+    return jnp.sum(y * weights)
+
+  grads = nnx.grad(nnx_loss)(layer)
+  expected = jax.grad(linen_loss)(variables["params"])
+  np.testing.assert_allclose(grads["scale"][...], expected["scale"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads["bias"][...], expected["bias"], rtol=1e-5, atol=1e-5)
+
+
+# -- train / eval --------------------------------------------------------------------------------
+
+
+class Block(nnx.Module):
+  def __init__(self, din, dout, *, rngs, axis_name=None):
+    self.linear = nnx.Linear(din, dout, rngs=rngs)
+    self.norm = jnnx.BatchNorm(dout, momentum=0.9, axis_name=axis_name, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.norm(self.linear(x)))
+
+
+def batch_stats(model):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+def test_train_eval_view_and_call_argument_toggle_running_average():
+  model = Block(3, 4, rngs=nnx.Rngs(0))
+  x = data((8, 3))
+  model.eval()
+  assert model.norm.use_running_average is True
+  before = batch_stats(model)
+  model(x)
+  assert_trees_close(batch_stats(model), before, 0, 0)  # eval: running stats untouched
+  model.train()
+  assert model.norm.use_running_average is False
+  model.norm(model.linear(x), use_running_average=True)
+  assert_trees_close(batch_stats(model), before, 0, 0)  # the call argument overrides
+  view = nnx.view(model, use_running_average=True)
+  view(x)
+  assert_trees_close(batch_stats(model), before, 0, 0)
+  assert model.norm.use_running_average is False
+  model(x)
+  assert not np.allclose(batch_stats(model)["norm"]["mean"], before["norm"]["mean"])
+  frozen = jnnx.BatchNorm(3, use_running_average=True)
+  frozen(x)
+  np.testing.assert_array_equal(frozen.mean[...], np.zeros(3))
+
+
+def test_missing_use_running_average_names_the_fix():
+  with pytest.raises(ValueError, match="model.train"):
+    jnnx.BatchNorm(3, use_running_average=None)(data((4, 3)))
+
+
+def test_errors_name_the_fix():
+  with pytest.raises(ValueError, match="num_features=6"):
+    jnnx.LayerNorm(5)(data((2, 6)))
+  with pytest.raises(ValueError, match="pick a divisor of 6"):
+    jnnx.GroupNorm(6, num_groups=4)
+  with pytest.raises(ValueError, match="larger batch"):
+    jnnx.BatchNorm(3)(data((1, 3)))
+
+
+# -- bfloat16 ------------------------------------------------------------------------------------
+
+
+def test_bfloat16_keeps_running_statistics_in_float32_flax_does_not():
+  x = np.full((4, 1), 301.3, np.float32)
+  ours = jnnx.BatchNorm(1, dtype=jnp.bfloat16, use_running_average=True, epsilon=0.0)
+  theirs = nnx.BatchNorm(1, dtype=jnp.bfloat16, use_running_average=True, epsilon=0.0,
+                         rngs=nnx.Rngs(0))
+  for layer in (ours, theirs):
+    layer.mean[...] = jnp.array([300.3], jnp.float32)
+  y_ours, y_theirs = ours(x), theirs(x)
+  assert y_ours.dtype == y_theirs.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y_ours, np.float32), 1.0, rtol=1e-2)
+  # flax casts the running mean (300.3 -> 300) and the input (301.3 -> 302) to bfloat16
+  np.testing.assert_allclose(np.asarray(y_theirs, np.float32), 2.0)
+
+  rows = np.array([[300.2], [300.4]], np.float32)
+  ours = jnnx.BatchNorm(1, dtype=jnp.bfloat16, momentum=0.0)
+  theirs = nnx.BatchNorm(1, dtype=jnp.bfloat16, momentum=0.0, rngs=nnx.Rngs(0))
+  ours(rows)
+  theirs(rows)
+  assert ours.mean[...].dtype == jnp.float32
+  np.testing.assert_allclose(ours.mean[...], 300.3, rtol=1e-7)
+  assert abs(float(theirs.mean[...][0]) - 300.3) > 0.2  # statistics of the bfloat16 input
+
+
+# -- training with nnx.Optimizer and optax -------------------------------------------------------
+
+
+class Classifier(nnx.Module):
+  def __init__(self, rngs):
+    self.block = Block(2, 16, rngs=rngs)
+    self.head = nnx.Linear(16, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.block(x))
+
+
+def test_training_loop_with_nnx_optimizer_and_optax():
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((256, 2)) * [3.0, 0.5] + [50.0, -20.0]).astype(np.float32)
+  labels = ((x[:, 0] - 50.0) / 3.0 - (x[:, 1] + 20.0) / 0.5 > 0).astype(np.int32)
+  model = Classifier(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
+
+  def loss_fn(model, x, labels):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @nnx.jit
+  def train_step(model, optimizer, x, labels):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, labels)
+    optimizer.update(model, grads)
+    return loss
+
+  @nnx.jit
+  def accuracy(model, x, labels):
+    return jnp.mean(jnp.argmax(model(x), -1) == labels)
+
+  losses = [float(train_step(model, optimizer, x[i:i + 64], labels[i:i + 64]))
+            for _ in range(40) for i in range(0, 256, 64)]
+  assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+  model.eval()
+  assert float(accuracy(model, x, labels)) > 0.95
+  hidden = model.block.linear(x)
+  np.testing.assert_allclose(model.block.norm.mean[...], hidden.mean(0), rtol=0.1, atol=0.1)
+
+
+# -- NNX transforms ------------------------------------------------------------------------------
+
+
+def test_nnx_jit_matches_eager_and_does_not_retrace():
+  eager, jitted = Block(3, 4, rngs=nnx.Rngs(0)), Block(3, 4, rngs=nnx.Rngs(0))
+  traces = []
+
+  @nnx.jit
+  def step(model, x):
+    traces.append(1)
+    return model(x)
+
+  for seed in range(3):
+    x = data((8, 3), seed=seed)
+    np.testing.assert_allclose(step(jitted, x), eager(x), rtol=1e-5, atol=1e-6)
+  assert len(traces) == 1
+  assert_trees_close(batch_stats(jitted), batch_stats(eager), rtol=1e-5)
+
+
+def test_split_merge_pure_step_matches_stateful_calls():
+  model, reference_model = Block(3, 4, rngs=nnx.Rngs(0)), Block(3, 4, rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+  @jax.jit
+  def pure_step(params, stats, x):
+    model = nnx.merge(graphdef, params, stats)
+    y = model(x)
+    return y, nnx.state(model, nnx.BatchStat)
+
+  for seed in range(2):
+    x = data((8, 3), seed=seed)
+    y, stats = pure_step(params, stats, x)
+    np.testing.assert_allclose(y, reference_model(x), rtol=1e-5, atol=1e-6)
+  assert_trees_close(nnx.to_pure_dict(stats), batch_stats(reference_model), rtol=1e-5)
+
+
+class ConvModel(nnx.Module):
+  """The model of flax issue 4760: a convolution, then batch norm."""
+
+  def __init__(self, rngs, axis_name=None):
+    self.conv = nnx.Conv(1, 5, kernel_size=3, rngs=rngs)
+    self.bn = jnnx.BatchNorm(5, axis_name=axis_name, rngs=rngs)
+
+  def __call__(self, x, mask=None):
+    return self.bn(self.conv(x), mask=mask)
+
+
+def test_nnx_vmap_with_axis_name_pools_statistics_flax_issue_4760():
+  lanes = jax.random.normal(jax.random.key(0), (16, 16, 8, 1)) + 3.0
+  model, flat_model = ConvModel(nnx.Rngs(0), "batch"), ConvModel(nnx.Rngs(0))
+  vmapped = nnx.vmap(lambda model, x: model(x), in_axes=(None, 1), out_axes=1,
+                     axis_name="batch")
+  flat = jnp.swapaxes(lanes, 0, 1).reshape(256, 8, 1)  # every lane's examples as one batch
+  for _ in range(2):  # the second call is the one that fails in the issue
+    y = vmapped(model, lanes)
+    y_flat = nnx.jit(lambda model, x: model(x))(flat_model, flat)
+  np.testing.assert_allclose(jnp.swapaxes(y, 0, 1).reshape(256, 8, 5), y_flat, atol=2e-5)
+  assert_trees_close(batch_stats(model), batch_stats(flat_model), rtol=1e-5)
+
+
+def test_nnx_vmap_masked_lanes_are_weighted_by_count():
+  lanes = jax.random.normal(jax.random.key(1), (4, 8, 6, 1)) * 2 + 1.0
+  valid_rows = np.array([8, 1, 1, 0])  # unequal, one lane fully masked
+  mask = (np.arange(8)[None, :] < valid_rows[:, None])[:, :, None, None]
+  model, flat_model = ConvModel(nnx.Rngs(0), "batch"), ConvModel(nnx.Rngs(0))
+  nnx.jit(nnx.vmap(lambda model, x, m: model(x, m), in_axes=(None, 0, 0), axis_name="batch"))(
+      model, lanes, mask)
+  nnx.jit(lambda model, x, m: model(x, m))(
+      flat_model, lanes.reshape(32, 6, 1), np.broadcast_to(mask, (4, 8, 1, 1)).reshape(32, 1, 1))
+  assert np.all(np.isfinite(model.bn.mean[...]))
+  assert_trees_close(batch_stats(model), batch_stats(flat_model), rtol=1e-5)
+
+
+def test_nnx_vmap_closing_over_the_model_names_the_fix():
+  model = ConvModel(nnx.Rngs(0))
+  lanes = jax.random.normal(jax.random.key(0), (16, 16, 8, 1))
+  with pytest.raises(errors.TraceContextError, match="axis_name='batch'"):
+    nnx.vmap(model, in_axes=1)(lanes)  # the first pattern of flax issue 4760
+  model.eval()
+  assert nnx.vmap(model, in_axes=1)(lanes).shape == (16, 16, 8, 5)  # no update: no problem
+
+
+def test_nnx_vmap_ensemble_keeps_one_set_of_statistics_per_member():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(key):
+    return Block(3, 4, rngs=nnx.Rngs(key))
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  ensemble = create(keys)
+  x = data((3, 8, 3))
+  y = nnx.vmap(lambda model, x: model(x), in_axes=(0, 0))(ensemble, x)
+  for member in range(3):
+    single = Block(3, 4, rngs=nnx.Rngs(keys[member]))
+    np.testing.assert_allclose(y[member], single(x[member]), rtol=1e-5, atol=1e-6)
+    assert_trees_close(jax.tree.map(lambda a: a[member], batch_stats(ensemble)),
+                       batch_stats(single), rtol=1e-5)
+
+
+def test_nnx_scan_over_layers_matches_a_loop():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(key):
+    return Block(4, 4, rngs=nnx.Rngs(key))
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  stack = create(keys)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def forward(block, x):
+    return block(x)
+
+  x = data((8, 4))
+  y = forward(stack, x)
+  expected = x
+  for layer, key in enumerate(keys):
+    single = Block(4, 4, rngs=nnx.Rngs(key))
+    expected = single(expected)
+    assert_trees_close(jax.tree.map(lambda a: a[layer], batch_stats(stack)),
+                       batch_stats(single), rtol=1e-5)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_scan_over_time_steps_matches_a_loop():
+  model, loop_model = Block(3, 4, rngs=nnx.Rngs(0)), Block(3, 4, rngs=nnx.Rngs(0))
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def run(model, x_t):
+    return model, model(x_t)
+
+  steps = data((5, 8, 3))
+  _, y = run(model, steps)
+  for t in range(5):
+    np.testing.assert_allclose(y[t], loop_model(steps[t]), rtol=1e-5, atol=1e-6)
+  assert_trees_close(batch_stats(model), batch_stats(loop_model), rtol=1e-5)
+
+
+def test_nnx_eval_shape_flax_issue_4734():
+  abstract = nnx.eval_shape(lambda: ConvModel(nnx.Rngs(0)))
+  assert abstract.bn.mean.get_value().shape == (5,)
+  model = ConvModel(nnx.Rngs(0))
+  before = batch_stats(model)
+  spec = jax.ShapeDtypeStruct((16, 8, 1), jnp.float32)
+  out = nnx.eval_shape(lambda model, x: model(x), model, spec)
+  assert (out.shape, out.dtype) == ((16, 8, 5), jnp.float32)
+  assert_trees_close(batch_stats(model), before, 0, 0)  # shapes only: nothing updated
+  assert nnx.eval_shape(nnx.view(model, use_running_average=True), spec).shape == (16, 8, 5)
+  with pytest.raises(errors.TraceContextError, match="nnx.eval_shape"):
+    nnx.eval_shape(model, spec)  # closing over a training model: the message names the fix
+
+
+class FlaxConvModel(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 5, kernel_size=3, rngs=rngs)
+    self.bn = nnx.BatchNorm(5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.conv(x))
+
+
+def test_orbax_checkpoint_restores_into_fresh_abstract_model(tmp_path):
+  model = ConvModel(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (16, 8, 1)) + 2.0
+  model(x)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ours", nnx.state(model))
+    flax_model = FlaxConvModel(nnx.Rngs(1))
+    flax_model(x)
+    checkpointer.save(tmp_path / "flax", nnx.state(flax_model))
+  for name, source in (("ours", model), ("flax", flax_model)):
+    abstract = nnx.eval_shape(lambda: ConvModel(nnx.Rngs(7)))
+    graphdef, abstract_state = nnx.split(abstract)
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / name, abstract_state))
+    assert restored.bn.mean[...].dtype == jnp.float32
+    np.testing.assert_array_equal(restored.bn.mean[...], source.bn.mean[...])
+    restored.eval()
+    source.eval()
+    np.testing.assert_allclose(restored(x), source(x), rtol=1e-5, atol=1e-5)
