@@ -1,0 +1,208 @@
+"""Regression tests for the defects measured in ANCHORS.md: jaxnorm must not have them.
+
+Where it is cheap, each test also shows the defect in flax (or jax.nn), so that it is known to
+have teeth: the same input really does break the usual implementation.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnorm
+import jaxnorm.linen as jnn
+from tests import reference
+
+
+def far_data(shape, offset, seed=0, dtype=np.float32):
+  return (np.random.default_rng(seed).standard_normal(shape) + offset).astype(dtype)
+
+
+# --- fast variance far from zero ---------------------------------------------------------------
+
+def test_batch_norm_at_offset_1e4_has_output_std_1_where_flax_gives_about_250():
+  x = far_data((256, 64), 1e4)
+  y, updates = jnn.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), x)
+  assert abs(float(jnp.std(y)) - 1) < 1e-3
+  assert reference.max_error(y, reference.standardize(x, 0, epsilon=1e-5)) < 1e-4
+  flax_y, _ = nn.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), x)
+  assert float(jnp.std(flax_y)) > 50  # the defect: about 250 (ANCHORS.md: 253)
+  assert float(jnp.std(jax.nn.standardize(x, axis=0))) > 50  # jax.nn.standardize too
+  # The running variance stays right (haiku's went negative at this offset).
+  _, state = jnn.BatchNorm(use_running_average=False, momentum=0.0).apply(
+      updates, x, mutable=["batch_stats"])
+  np.testing.assert_allclose(state["batch_stats"]["var"], x.astype(np.float64).var(0, ddof=1),
+                             rtol=1e-4)
+
+
+def test_layer_norm_at_offset_1e4_has_output_std_1_where_flax_gives_about_800():
+  x = far_data((8, 4096), 1e4)
+  y, _ = jnn.LayerNorm().init_with_output(jax.random.key(0), x)
+  assert abs(float(jnp.std(y)) - 1) < 1e-3
+  assert reference.max_error(y, reference.standardize(x, 1, epsilon=1e-6)) < 1e-4
+  flax_y, _ = nn.LayerNorm().init_with_output(jax.random.key(0), x)
+  assert float(jnp.std(flax_y)) > 100  # the defect: about 800
+  # flax's two-pass mode is right at 1e4 (it fails further out, from about 1e6)
+  two_pass, _ = nn.LayerNorm(use_fast_variance=False).init_with_output(jax.random.key(0), x)
+  assert abs(float(jnp.std(two_pass)) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("offset", [1e6, 1e7])
+def test_still_exact_at_offsets_where_two_pass_float32_fails(offset):
+  x = far_data((64, 512), offset)
+  y = jaxnorm.layer_norm(x, epsilon=0.0)
+  assert reference.max_error(y, reference.standardize(x, 1)) < 1e-4
+
+
+def test_bfloat16_mean_300_std_1_keeps_its_variance():
+  """haiku: batch variance 0, output std 360. bfloat16 spacing at 300 is 2."""
+  x = far_data((1024, 4), 300.0, dtype=jnp.bfloat16)
+  mean, var = jaxnorm.moments(x, 0)
+  exact = np.asarray(x, np.float64)
+  np.testing.assert_allclose(var, exact.var(0), rtol=1e-5)
+  assert np.all(np.asarray(var) > 0.5)
+  np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-6)
+  y, _ = jnn.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), x)
+  assert y.dtype == jnp.float32  # float32 parameters promote, as in flax
+  assert abs(float(jnp.std(y)) - 1) < 1e-3
+  y = jaxnorm.layer_norm(x.T)
+  assert y.dtype == jnp.bfloat16
+  assert abs(float(jnp.std(y.astype(jnp.float32))) - 1) < 1e-2
+
+
+# --- masked statistics across devices ----------------------------------------------------------
+
+def anchor_devices():
+  """4 devices holding 8, 1, 1 and 1 valid rows: 0 on the first, 10 on the others."""
+  x = np.zeros((4, 8, 1), np.float32)
+  where = np.zeros((4, 8, 1), bool)
+  where[0] = True
+  for device in (1, 2, 3):
+    x[device, 0], where[device, 0] = 10.0, True
+  return x, where
+
+
+def pmap4(fn):
+  return jax.pmap(fn, axis_name="d", in_axes=(None, 0, 0), devices=jax.devices()[:4])
+
+
+@pytest.fixture
+def four_devices():
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (conftest.py sets 8 host devices)")
+
+
+def test_masked_multi_device_mean_is_count_weighted_2_727_where_flax_gives_7_5(four_devices):
+  x, where = anchor_devices()
+  layer = jnn.BatchNorm(use_running_average=False, momentum=0.0, axis_name="d")
+  flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.0, axis_name="d")
+  variables = layer.init(jax.random.key(0), x[0])
+  step = lambda module: pmap4(lambda v, x, w: module.apply(v, x, mask=w, mutable=["batch_stats"]))
+  _, ours = step(layer)(variables, x, where)
+  _, theirs = step(flax_layer)(variables, x, where)
+  np.testing.assert_allclose(ours["batch_stats"]["mean"], np.full((4, 1), 30 / 11), rtol=1e-6)
+  np.testing.assert_allclose(theirs["batch_stats"]["mean"], np.full((4, 1), 7.5), rtol=1e-6)
+
+
+def test_fully_masked_device_does_not_poison_statistics_or_running_stats(four_devices):
+  """flax: one fully masked device makes every device's statistics NaN, for good."""
+  x, where = anchor_devices()
+  where[3] = False  # the fourth device now holds no valid row
+  layer = jnn.BatchNorm(use_running_average=False, momentum=0.5, axis_name="d")
+  flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.5, axis_name="d")
+  variables = layer.init(jax.random.key(0), x[0])
+  step = lambda module: pmap4(lambda v, x, w: module.apply(v, x, mask=w, mutable=["batch_stats"]))
+  y, ours = step(layer)(variables, x, where)
+  _, theirs = step(flax_layer)(variables, x, where)
+  assert np.all(np.isfinite(y))
+  valid = np.concatenate([x[0, :8, 0], x[1:3, 0, 0]]).astype(np.float64)
+  np.testing.assert_allclose(ours["batch_stats"]["mean"], np.full((4, 1), 0.5 * valid.mean()),
+                             rtol=1e-6)
+  np.testing.assert_allclose(ours["batch_stats"]["var"],
+                             np.full((4, 1), 0.5 + 0.5 * valid.var(ddof=1)), rtol=1e-5)
+  assert np.all(np.isnan(theirs["batch_stats"]["mean"]))  # the defect
+
+
+# --- GroupNorm masks ---------------------------------------------------------------------------
+
+def test_group_norm_accepts_a_broadcasting_mask_that_flax_rejects():
+  x = far_data((2, 5, 8), 3.0)
+  where = np.random.default_rng(1).random((2, 5, 1)) < 0.6
+  where[:, 0] = True
+  variables = jnn.GroupNorm(num_groups=2).init(jax.random.key(0), x)
+  y = jnn.GroupNorm(num_groups=2).apply(variables, x, mask=where)
+  full = np.broadcast_to(where, x.shape)
+  np.testing.assert_allclose(y, jnn.GroupNorm(num_groups=2).apply(variables, x, mask=full),
+                             atol=1e-6)
+  assert reference.max_error(y, reference.group_norm(x, 2, full, 1e-6), full) < 1e-5
+  # LayerNorm accepts the same mask in flax; GroupNorm does not (the defect).
+  nn.LayerNorm().apply(variables, x, mask=where)
+  with pytest.raises(Exception):
+    nn.GroupNorm(num_groups=2).apply(variables, x, mask=where)
+
+
+# --- running statistics ------------------------------------------------------------------------
+
+def test_running_variance_is_unbiased_batch_size_2_true_variance_4():
+  """flax, haiku, equinox and Keras store 2.0 on average; PyTorch and jaxnorm 4.0."""
+  batches = np.random.default_rng(2).standard_normal((4000, 2, 1)).astype(np.float32) * 2
+  def stored_var(module):
+    def one(x):
+      variables = module.init(jax.random.key(0), x)
+      _, state = module.apply(variables, x, mutable=["batch_stats"])
+      return state["batch_stats"]["var"]
+    return float(jnp.mean(jax.jit(jax.vmap(one))(batches)))
+  ours = stored_var(jnn.BatchNorm(use_running_average=False, momentum=0.0))
+  theirs = stored_var(nn.BatchNorm(use_running_average=False, momentum=0.0))
+  assert abs(ours - 4.0) < 0.4, ours   # standard error of the mean here is about 0.09
+  assert abs(theirs - 2.0) < 0.2, theirs
+
+
+def test_one_nan_batch_does_not_corrupt_running_statistics():
+  rng = np.random.default_rng(3)
+  batches = (rng.standard_normal((5, 16, 3)) * 2 + 7).astype(np.float32)
+  bad = batches[0].copy()
+  bad[4, 1] = np.nan  # a NaN in channel 1 only
+  layer = jnn.BatchNorm(use_running_average=False, momentum=0.7)
+  flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.7)
+  variables = layer.init(jax.random.key(0), batches[0])
+
+  def train(module, sequence):
+    state = variables
+    for x in sequence:
+      y, updates = module.apply(state, x, mutable=["batch_stats"])
+      state = {**state, **updates}
+    return y, state["batch_stats"]
+
+  clean_y, clean = train(layer, batches)
+  y, stats = train(layer, [batches[0], batches[1], bad, batches[2], batches[3], batches[4]])
+  np.testing.assert_allclose(y, clean_y, rtol=1e-6)  # later batches are normalized as before
+  _, after_bad = train(layer, [batches[0], batches[1], bad])
+  _, before_bad = train(layer, [batches[0], batches[1]])
+  np.testing.assert_array_equal(after_bad["mean"][1], before_bad["mean"][1])  # skipped, per channel
+  assert after_bad["mean"][0] != before_bad["mean"][0]  # the other channels still learn
+  assert np.all(np.isfinite(stats["mean"])) and np.all(np.isfinite(stats["var"]))
+  # Channel 1 skipped the bad batch: it ends exactly where the run without it ends.
+  np.testing.assert_allclose(stats["mean"][1], clean["mean"][1], rtol=1e-6)
+  np.testing.assert_allclose(stats["var"][1], clean["var"][1], rtol=1e-6)
+  _, flax_stats = train(flax_layer, [batches[0], bad, batches[1]])
+  assert np.isnan(flax_stats["mean"][1])  # the defect: NaN for good
+  # The output of the bad batch still shows the NaN.
+  y, _ = layer.apply(variables, bad, mutable=["batch_stats"])
+  assert np.isnan(y[:, 1]).all() and np.all(np.isfinite(y[:, [0, 2]]))
+
+
+def test_eval_before_any_training_is_finite():
+  """equinox issues 955, 1010: evaluation before any training step must not blow up."""
+  x = far_data((4, 3), 5.0)
+  layer = jnn.BatchNorm(use_running_average=True)
+  variables = layer.init(jax.random.key(0), x)
+  y = layer.apply(variables, x)
+  assert np.all(np.isfinite(y))
+  np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)  # mean 0, var 1 to start
+  y, running = jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(3), training=False)
+  assert np.all(np.isfinite(y))
+  # one example, evaluation mode, right after init with a batch of one: still finite
+  single = jnn.BatchNorm()
+  variables = single.init(jax.random.key(0), x[:1], use_running_average=False)
+  assert np.all(np.isfinite(single.apply(variables, x[:1], use_running_average=True)))
