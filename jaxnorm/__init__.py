@@ -5,6 +5,10 @@ from jaxnorm._src.batch_norm import init_batch_stats
 from jaxnorm._src.batch_norm import update_batch_stats
 from jaxnorm._src.batch_norm_variants import ghost_batch_norm
 from jaxnorm._src.batch_norm_variants import lp_batch_norm
+from jaxnorm._src.dataset_stats import Stats
+from jaxnorm._src.dataset_stats import device_stats
+from jaxnorm._src.dataset_stats import fit_stats
+from jaxnorm._src.dataset_stats import merge_across_processes
 from jaxnorm._src.functional import group_norm
 from jaxnorm._src.functional import instance_norm
 from jaxnorm._src.functional import layer_norm
@@ -15,30 +19,64 @@ from jaxnorm._src.renorm import RenormStats
 from jaxnorm._src.renorm import batch_renorm
 from jaxnorm._src.renorm import init_renorm_stats
 from jaxnorm._src.renorm import renorm_schedule
+from jaxnorm._src.scalers import IMAGENET_MEAN
+from jaxnorm._src.scalers import IMAGENET_STD
+from jaxnorm._src.scalers import imagenet_standardize
+from jaxnorm._src.scalers import inverse_minmax
+from jaxnorm._src.scalers import inverse_rescale
+from jaxnorm._src.scalers import inverse_robust
+from jaxnorm._src.scalers import inverse_standardize
+from jaxnorm._src.scalers import minmax
+from jaxnorm._src.scalers import pixels_to_symmetric
+from jaxnorm._src.scalers import pixels_to_unit
+from jaxnorm._src.scalers import rescale
+from jaxnorm._src.scalers import robust
+from jaxnorm._src.scalers import standardize
 from jaxnorm._src.stats import Moments
 from jaxnorm._src.stats import moments
 from jaxnorm._src.stats import reduce_moments
+from jaxnorm._src.stats_io import load_stats
+from jaxnorm._src.stats_io import save_stats
 
 __version__ = "0.1.0"
 
 __all__ = (
     "BatchStats",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Moments",
     "RenormSchedule",
     "RenormStats",
+    "Stats",
     "batch_norm",
     "batch_renorm",
+    "device_stats",
+    "fit_stats",
     "ghost_batch_norm",
     "group_norm",
+    "imagenet_standardize",
     "init_batch_stats",
     "init_renorm_stats",
     "instance_norm",
+    "inverse_minmax",
+    "inverse_rescale",
+    "inverse_robust",
+    "inverse_standardize",
     "layer_norm",
+    "load_stats",
     "lp_batch_norm",
+    "merge_across_processes",
+    "minmax",
     "moments",
     "normalize",
+    "pixels_to_symmetric",
+    "pixels_to_unit",
     "reduce_moments",
     "renorm_schedule",
+    "rescale",
     "rms_norm",
+    "robust",
+    "save_stats",
+    "standardize",
     "update_batch_stats",
 )

@@ -2,6 +2,9 @@
 from jaxnorm._src.linen_batch_variants import BatchRenorm
 from jaxnorm._src.linen_batch_variants import GhostBatchNorm
 from jaxnorm._src.linen_batch_variants import LpBatchNorm
+from jaxnorm._src.linen_input import MinMaxScale
+from jaxnorm._src.linen_input import RobustScale
+from jaxnorm._src.linen_input import Standardize
 from jaxnorm._src.linen_norms import BatchNorm
 from jaxnorm._src.linen_norms import GroupNorm
 from jaxnorm._src.linen_norms import InstanceNorm
@@ -17,6 +20,9 @@ __all__ = (
     "InstanceNorm",
     "LayerNorm",
     "LpBatchNorm",
+    "MinMaxScale",
     "RMSNorm",
+    "RobustScale",
+    "Standardize",
     "renorm_schedule",
 )

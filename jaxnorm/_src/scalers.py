@@ -1,0 +1,258 @@
+"""Input scalers with fitted dataset statistics: standardize, min-max, robust, and presets.
+
+Every scaler is one per-channel affine map, computed by :func:`rescale` (also the input
+layers' formula):
+
+.. math:: y = (x - c) \\cdot \\frac{a}{s} + b
+
+with a centre :math:`c` and spread :math:`s` from the statistics and an output scale :math:`a`
+and offset :math:`b`:
+
+=====================  =============  =====================  ===================  =========
+scaler                 :math:`c`      :math:`s`              :math:`a`            :math:`b`
+=====================  =============  =====================  ===================  =========
+``standardize``        mean           std                    1                    0
+``minmax``             min            max - min              ``hi - lo``          ``lo``
+``robust``             median         q75 - q25              1                    0
+=====================  =============  =====================  ===================  =========
+
+A channel whose spread is 0 (a constant feature) is not divided by zero: its spread counts as 1,
+as in scikit-learn, so ``standardize`` and ``robust`` map it to ``x - c`` (0 on the fitted data)
+and ``minmax`` to ``lo``. The inverses map back exactly through the same formula.
+
+Integer input (uint8 images) is converted to float32 first; the output is float32 (or
+``dtype``), with statistics fitted on the raw values (0 to 255): no division by 255 is needed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxnorm._src import checks
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _as_float(x: ArrayLike) -> Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  return x
+
+
+def _per_channel(value: ArrayLike, x: Array, feature_axes: tuple[int, ...], name: str) -> Array:
+  """``value`` (one per channel, or a scalar) in float32 or wider, shaped to broadcast to x."""
+  value = jnp.asarray(value)
+  value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
+  if not feature_axes:
+    if value.size != 1:
+      raise ValueError(f"{name} of shape {value.shape} needs channel_axis; with "
+                       f"channel_axis=None give one value")
+    return value.reshape(())
+  return checks.feature_param(value, x.shape, feature_axes, name)
+
+
+def rescale(x: ArrayLike, center: ArrayLike, spread: ArrayLike, *, out_scale: ArrayLike = 1.0,
+            out_bias: ArrayLike = 0.0, channel_axis: int | None = -1,
+            dtype: Any = None) -> Array:
+  """The per-channel affine map every scaler and input layer uses.
+
+  .. math:: y = (x - c) \cdot \frac{a}{s} + b, \qquad s = 1 \text{ where } s = 0
+
+  The factor :math:`a / s` is divided once per channel, not per element, in float32 or wider, so
+  that ``x / 255`` maps 255 to exactly 1; the subtraction comes first, which keeps data far from
+  zero accurate.
+
+  Args:
+    x: input (integers are converted to float32).
+    center, spread: :math:`c` and :math:`s`, one value per channel of ``channel_axis``.
+    out_scale, out_bias: :math:`a` and :math:`b`, scalars or one value per channel.
+    channel_axis: the channel axis of ``x``; None for one value for all of ``x``.
+    dtype: output dtype (default: float32, or x's float dtype).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm
+    >>> jaxnorm.rescale(jnp.array([[1.0, 5.0], [3.0, 5.0]]), jnp.array([2.0, 5.0]),
+    ...                 jnp.array([1.0, 0.0]))
+    Array([[-1.,  0.],
+           [ 1.,  0.]], dtype=float32)
+  """
+  x = _as_float(x)
+  feature_axes = () if channel_axis is None else checks.canonical_axes(
+      channel_axis, x.ndim, name="channel_axis", shape=x.shape)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
+  center = _per_channel(center, x, feature_axes, "center")
+  spread = _per_channel(spread, x, feature_axes, "spread")
+  factor = _per_channel(out_scale, x, feature_axes, "out_scale") / jnp.where(spread != 0, spread,
+                                                                             1)
+  yf = (xf - center) * factor.astype(xf.dtype)
+  if not (isinstance(out_bias, (int, float)) and out_bias == 0):
+    yf = yf + _per_channel(out_bias, x, feature_axes, "out_bias")
+  return yf.astype(dtype or x.dtype)
+
+
+def inverse_rescale(y: ArrayLike, center: ArrayLike, spread: ArrayLike, *,
+                    out_scale: ArrayLike = 1.0, out_bias: ArrayLike = 0.0,
+                    channel_axis: int | None = -1, dtype: Any = None) -> Array:
+  """The inverse of :func:`rescale`: :math:`x = (y - b) \\cdot \\frac{s}{a} + c` (same formula)."""
+  spread = jnp.asarray(spread)
+  spread = jnp.where(spread != 0, spread, 1).astype(jnp.promote_types(spread.dtype, jnp.float32))
+  return rescale(y, out_bias, out_scale, out_scale=spread, out_bias=center,
+                 channel_axis=channel_axis, dtype=dtype)
+
+
+def standardize(x: ArrayLike, stats: Any, *, dtype: Any = None) -> Array:
+  """Standardizes ``x`` with fitted statistics: :math:`y = (x - \\mu) / \\sigma` per channel.
+
+  As scikit-learn's ``StandardScaler`` (biased std); a constant channel (:math:`\\sigma = 0`)
+  becomes :math:`x - \\mu`.
+
+  Args:
+    x: input with ``stats.channel_axis`` holding the channels (uint8 allowed).
+    stats: a :class:`jaxnorm.Stats` (or anything with ``mean``, ``std``, ``channel_axis``).
+    dtype: output dtype.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> jaxnorm.standardize(x, jaxnorm.fit_stats(x))
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+  """
+  return rescale(x, stats.mean, stats.std, channel_axis=stats.channel_axis, dtype=dtype)
+
+
+def inverse_standardize(y: ArrayLike, stats: Any, *, dtype: Any = None) -> Array:
+  """The inverse of :func:`standardize`: :math:`x = y \\sigma + \\mu`."""
+  return inverse_rescale(y, stats.mean, stats.std, channel_axis=stats.channel_axis, dtype=dtype)
+
+
+def check_range(feature_range: tuple[float, float]) -> tuple[float, float]:
+  low, high = feature_range
+  if not low < high:
+    raise ValueError(f"feature_range={feature_range} must be (low, high) with low < high, "
+                     f"e.g. (0, 1) or (-1, 1)")
+  return float(low), float(high)
+
+
+def minmax(x: ArrayLike, stats: Any, *, feature_range: tuple[float, float] = (0.0, 1.0),
+           clip: bool = False, dtype: Any = None) -> Array:
+  """Maps each channel's ``[min, max]`` onto ``feature_range`` (scikit-learn's MinMaxScaler).
+
+  .. math:: y = \\frac{x - \\min}{\\max - \\min} (\\mathrm{hi} - \\mathrm{lo}) + \\mathrm{lo}
+
+  A constant channel (max = min) maps to ``lo``. With ``clip``, values outside the fitted range
+  are clipped to ``feature_range``.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> x = np.array([[0.0, 10.0], [4.0, 30.0]])
+    >>> jaxnorm.minmax(x, jaxnorm.fit_stats(x), feature_range=(-1, 1))
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+  """
+  low, high = check_range(feature_range)
+  y = rescale(x, stats.min, _spread(stats.max, stats.min), out_scale=high - low, out_bias=low,
+              channel_axis=stats.channel_axis, dtype=dtype)
+  return jnp.clip(y, low, high) if clip else y
+
+
+def inverse_minmax(y: ArrayLike, stats: Any, *,
+                   feature_range: tuple[float, float] = (0.0, 1.0), dtype: Any = None) -> Array:
+  """The inverse of :func:`minmax` (without clipping)."""
+  low, high = check_range(feature_range)
+  return inverse_rescale(y, stats.min, _spread(stats.max, stats.min), out_scale=high - low,
+                         out_bias=low, channel_axis=stats.channel_axis, dtype=dtype)
+
+
+def _spread(high: ArrayLike, low: ArrayLike) -> Array:
+  return jnp.asarray(high, jnp.float32) - jnp.asarray(low, jnp.float32)
+
+
+def robust_quantiles(stats: Any, quantile_range: tuple[float, float]) -> tuple[Any, Any]:
+  """The per-channel quantiles at ``quantile_range`` (percent) from fitted statistics."""
+  low, high = quantile_range
+  if not 0 <= low < high <= 100:
+    raise ValueError(f"quantile_range={quantile_range} must be (low, high) percentiles with "
+                     f"0 <= low < high <= 100, e.g. (25.0, 75.0)")
+  if (low, high) == (25, 75):
+    if stats.q25 is None:
+      raise ValueError("these statistics hold no quantiles; fit them with "
+                       "jaxnorm.fit_stats(..., quantiles=True) for robust scaling")
+    return stats.q25, stats.q75
+  q_low, q_high = stats.quantile([low / 100, high / 100])
+  return q_low, q_high
+
+
+def robust(x: ArrayLike, stats: Any, *, quantile_range: tuple[float, float] = (25.0, 75.0),
+           dtype: Any = None) -> Array:
+  """Centres on the median and divides by an interquantile range (scikit-learn's RobustScaler).
+
+  .. math:: y = \\frac{x - \\mathrm{median}}{q_{\\mathrm{high}} - q_{\\mathrm{low}}}
+
+  ``quantile_range`` is in percent; other than (25, 75) it needs the histogram of statistics
+  from :func:`jaxnorm.fit_stats` (not loaded from JSON). A zero range counts as 1.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> x = np.array([[0.0], [1.0], [2.0], [3.0], [100.0]])
+    >>> jaxnorm.robust(x, jaxnorm.fit_stats(x))[:, 0]
+    Array([-1. , -0.5,  0. ,  0.5, 49. ], dtype=float32)
+  """
+  q_low, q_high = robust_quantiles(stats, quantile_range)
+  return rescale(x, stats.median, _spread(q_high, q_low), channel_axis=stats.channel_axis,
+                 dtype=dtype)
+
+
+def inverse_robust(y: ArrayLike, stats: Any, *,
+                   quantile_range: tuple[float, float] = (25.0, 75.0), dtype: Any = None) -> Array:
+  """The inverse of :func:`robust`."""
+  q_low, q_high = robust_quantiles(stats, quantile_range)
+  return inverse_rescale(y, stats.median, _spread(q_high, q_low),
+                         channel_axis=stats.channel_axis, dtype=dtype)
+
+
+def pixels_to_unit(x: ArrayLike, *, max_value: float = 255.0, dtype: Any = None) -> Array:
+  """Maps pixel values in ``[0, max_value]`` to ``[0, 1]``: ``x / 255`` for uint8 images.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> jaxnorm.pixels_to_unit(np.array([0, 51, 255], np.uint8))
+    Array([0. , 0.2, 1. ], dtype=float32)
+  """
+  return rescale(x, 0.0, max_value, channel_axis=None, dtype=dtype)
+
+
+def pixels_to_symmetric(x: ArrayLike, *, max_value: float = 255.0, dtype: Any = None) -> Array:
+  """Maps pixel values in ``[0, max_value]`` to ``[-1, 1]``: ``x / 127.5 - 1`` for uint8.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> jaxnorm.pixels_to_symmetric(np.array([0, 255], np.uint8))
+    Array([-1.,  1.], dtype=float32)
+  """
+  return rescale(x, 0.0, max_value, out_scale=2.0, out_bias=-1.0, channel_axis=None,
+                 dtype=dtype)
+
+
+def imagenet_standardize(x: ArrayLike, *, max_value: float = 255.0, channel_axis: int = -1,
+                         dtype: Any = None) -> Array:
+  """Standardizes RGB pixels in ``[0, max_value]`` with the ImageNet mean and std.
+
+  .. math:: y = (x / \\mathrm{max\\_value} - \\mu_{\\mathrm{ImageNet}}) / \\sigma_{\\mathrm{ImageNet}}
+
+  with :math:`\\mu = (0.485, 0.456, 0.406)` and :math:`\\sigma = (0.229, 0.224, 0.225)`, as
+  torchvision and timm use them.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> jaxnorm.imagenet_standardize(np.array([[0, 0, 0]], np.uint8))
+    Array([[-2.1179 , -2.0357, -1.8044]], dtype=float32)
+  """
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * max_value
+  std = jnp.asarray(IMAGENET_STD, jnp.float32) * max_value
+  return rescale(x, mean, std, channel_axis=channel_axis, dtype=dtype)
