@@ -14,7 +14,14 @@ Axes = int | Sequence[int]
 
 def canonical_axes(axes: Axes, ndim: int, *, name: str = "axes", shape=None) -> tuple[int, ...]:
   """Returns ``axes`` as sorted non-negative ints, or raises a ValueError naming the fix."""
-  axes_tuple = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+  if isinstance(axes, (int, np.integer)):
+    axes_tuple = (axes,)
+  else:
+    try:
+      axes_tuple = tuple(axes)
+    except TypeError:
+      raise TypeError(f"{name}={axes!r} must be an int or a sequence of ints, "
+                      f"e.g. {name}=-1 or {name}=(1, 2)") from None
   shape_text = f"x.shape={tuple(shape)}" if shape is not None else f"x.ndim={ndim}"
   result = []
   for axis in axes_tuple:
