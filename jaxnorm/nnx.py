@@ -1,14 +1,22 @@
 """Flax NNX layers over jaxnorm's pure functions, drop-in for ``flax.nnx``'s norms."""
 from jaxnorm._src.nnx_norms import BatchNorm
+from jaxnorm._src.nnx_norms import BatchRenorm
+from jaxnorm._src.nnx_norms import GhostBatchNorm
 from jaxnorm._src.nnx_norms import GroupNorm
 from jaxnorm._src.nnx_norms import InstanceNorm
 from jaxnorm._src.nnx_norms import LayerNorm
+from jaxnorm._src.nnx_norms import LpBatchNorm
 from jaxnorm._src.nnx_norms import RMSNorm
+from jaxnorm._src.renorm import renorm_schedule
 
 __all__ = (
     "BatchNorm",
+    "BatchRenorm",
+    "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
+    "LpBatchNorm",
     "RMSNorm",
+    "renorm_schedule",
 )

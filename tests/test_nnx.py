@@ -16,6 +16,7 @@ import pytest
 from flax import errors
 from flax import nnx
 
+import jaxnorm
 import jaxnorm.linen as jnn
 import jaxnorm.nnx as jnnx
 from tests import reference
@@ -191,6 +192,49 @@ def test_gradients_match_linen():
   expected = jax.grad(linen_loss)(variables["params"])
   np.testing.assert_allclose(grads["scale"][...], expected["scale"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grads["bias"][...], expected["bias"], rtol=1e-5, atol=1e-5)
+
+
+# -- batch norm variants: the same as their jaxnorm.linen layers -------------------------------
+
+VARIANTS = {
+    "BatchRenorm": {"rmax": jaxnorm.renorm_schedule(1, 2, rmax=1.5, dmax=0.5).rmax,
+                    "dmax": jaxnorm.renorm_schedule(1, 2, rmax=1.5, dmax=0.5).dmax},
+    "GhostBatchNorm": {"virtual_batch_size": 3},
+    "LpBatchNorm": {"p": 1},
+    "LpBatchNorm_inf": {"p": "inf"},
+}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_batch_norm_variants_match_linen_over_steps(name, masked):
+  options = VARIANTS[name]
+  layer = randomize(getattr(jnnx, class_name(name))(4, momentum=0.8, **options))
+  linen = getattr(jnn, class_name(name))(momentum=0.8, **options)
+  variables = {"params": {"scale": layer.scale[...], "bias": layer.bias[...]},
+               "batch_stats": {"mean": layer.mean[...], "var": layer.var[...]}}
+  if name == "BatchRenorm":
+    variables["batch_stats"]["step"] = layer.step[...]
+  step = nnx.jit(lambda model, x, mask: model(x, mask=mask))
+  for seed in range(4):  # the renorm clips relax from step 1 to 3
+    x = data((6, 5, 4), offset=2.0 + seed, seed=seed)
+    mask = np.random.default_rng(seed).random((6, 5, 1)) < 0.7 if masked else None
+    y = step(layer, x, mask)
+    y_linen, updates = linen.apply(variables, x, use_running_average=False, mask=mask,
+                                   mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    np.testing.assert_allclose(y, y_linen, rtol=1e-5, atol=1e-5)
+  assert_trees_close(batch_stats(layer), jax.tree.map(np.asarray, updates["batch_stats"]),
+                     rtol=1e-6)
+  layer.eval()
+  np.testing.assert_allclose(layer(x), linen.apply(variables, x, use_running_average=True),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_batch_renorm_state_is_batch_norm_state_plus_an_int32_step():
+  signature = state_signature(jnnx.BatchRenorm(4))
+  assert signature == sorted(state_signature(jnnx.BatchNorm(4))
+                             + [(("step",), "BatchStat", (), "int32")])
 
 
 # -- train / eval --------------------------------------------------------------------------------

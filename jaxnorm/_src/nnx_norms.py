@@ -12,7 +12,7 @@ running mean of 300.3 becomes 300). ``rngs`` may be omitted when the initializer
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -24,12 +24,15 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from jaxnorm._src import batch_norm as bn
+from jaxnorm._src import batch_norm_variants as variants
 from jaxnorm._src import checks
 from jaxnorm._src import functional
+from jaxnorm._src import renorm
 
 Initializer = Any
 Axes = Any
 Features = int | tuple[int, ...]
+FloatOrSchedule = float | Callable[[Any], Any]
 NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -194,31 +197,163 @@ class BatchNorm(nnx.Module):
     Returns:
       The normalized input, of the shape of ``x``.
     """
-    if use_running_average is None:
-      use_running_average = self.use_running_average
-    if use_running_average is None:
-      raise ValueError(
-          "BatchNorm needs use_running_average: pass it to the constructor "
-          "(BatchNorm(..., use_running_average=False)), to the call (layer(x, "
-          "use_running_average=True)), or set it with model.train() / model.eval()")
-    x = checks.float_input(x, "BatchNorm")
-    feature_axes = check_features(x, self.axis, self.mean[...].shape, layer="BatchNorm",
-                                  name="axis")
-    training = not use_running_average
+    x, feature_axes, training = self._prepare(x, use_running_average)
     y, running = bn.batch_norm(
         x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
         training=training, axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         where=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         dtype=self.dtype)
     if training:
-      store(self.mean, running.mean, "BatchNorm")
-      store(self.var, running.var, "BatchNorm")
+      self._store(running)
     return y
+
+  def _prepare(self, x, use_running_average: bool | None) -> tuple[jax.Array, tuple[int, ...],
+                                                                   bool]:
+    """The checked input, its feature axes, and whether this call trains."""
+    layer = type(self).__name__
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(
+          f"{layer} needs use_running_average: pass it to the constructor "
+          f"({layer}(..., use_running_average=False)), to the call (layer(x, "
+          f"use_running_average=True)), or set it with model.train() / model.eval()")
+    x = checks.float_input(x, layer)
+    feature_axes = check_features(x, self.axis, self.mean[...].shape, layer=layer, name="axis")
+    return x, feature_axes, not use_running_average
+
+  def _store(self, running: Any) -> None:
+    """Writes the next running state, a NamedTuple whose fields name the BatchStats."""
+    for name, new_value in running._asdict().items():
+      store(getattr(self, name), new_value, type(self).__name__)
 
   def set_view(self, use_running_average: bool | None = None):
     """Used by ``nnx.view(model, use_running_average=...)``."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+  """Batch Renormalization (Ioffe 2017): :class:`BatchNorm`'s arguments plus ``rmax``, ``dmax``.
+
+  .. math::
+
+     y = \\gamma \\Big(\\frac{x - \\mu_B}{\\sigma_B}\\, r + d\\Big) + \\beta, \\quad
+     r = \\operatorname{sg}\\Big(\\operatorname{clip}_{[1/r_{max}, r_{max}]}
+         \\frac{\\sigma_B}{\\sigma}\\Big), \\quad
+     d = \\operatorname{sg}\\Big(\\operatorname{clip}_{[-d_{max}, d_{max}]}
+         \\frac{\\mu_B - \\mu}{\\sigma}\\Big)
+
+  In training the batch statistics normalize, corrected towards the running averages
+  :math:`\\mu, \\sigma` by ``r`` and ``d``, which carry no gradient
+  (:func:`jaxnorm.batch_renorm`); evaluation uses the running averages. ``rmax`` and ``dmax``
+  are floats or schedules of the training step, counted in the ``nnx.BatchStat`` ``step``
+  (int32); the paper's recipe is :func:`jaxnorm.renorm_schedule`. With ``rmax=1, dmax=0`` it
+  equals :class:`BatchNorm`. The state is that of ``jaxnorm.linen.BatchRenorm``.
+
+  Args:
+    num_features: the size of the feature axis.
+    rmax: clip of r (>= 1), a float or a callable step -> value (optax schedules work).
+    dmax: clip of d (>= 0), a float or a callable step -> value.
+    **kwargs: :class:`BatchNorm`'s other arguments.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm, jaxnorm.nnx as jnnx
+    >>> schedule = jaxnorm.renorm_schedule(warmup_steps=1000, relax_steps=4000)
+    >>> layer = jnnx.BatchRenorm(2, rmax=schedule.rmax, dmax=schedule.dmax)
+    >>> y = layer(jnp.arange(8.0).reshape(4, 2))
+    >>> layer.step[...], layer.mean[...]
+    (Array(1, dtype=int32), Array([0.03, 0.04], dtype=float32))
+  """
+
+  def __init__(self, num_features: Features, *, rmax: FloatOrSchedule = 3.0,
+               dmax: FloatOrSchedule = 5.0, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.step = nnx.BatchStat(renorm.init_renorm_stats(1).step)
+    self.rmax = rmax
+    self.dmax = dmax
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    """Normalizes ``x``; in training, also updates ``mean``, ``var`` and ``step``."""
+    x, feature_axes, training = self._prepare(x, use_running_average)
+    y, running = renorm.batch_renorm(
+        x, renorm.RenormStats(self.mean[...], self.var[...], self.step[...]),
+        value(self.scale), value(self.bias), training=training, rmax=self.rmax,
+        dmax=self.dmax, axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
+        where=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        dtype=self.dtype)
+    if training:
+      self._store(running)
+    return y
+
+
+class GhostBatchNorm(BatchNorm):
+  """Ghost (virtual) batch norm: :class:`BatchNorm` with statistics per sub-batch.
+
+  .. math:: y_i = \\frac{x_i - \\mu_{g(i)}}{\\sqrt{\\sigma^2_{g(i)} + \\epsilon}}\\,
+     \\gamma + \\beta, \\qquad g(i) = \\lfloor i / V \\rfloor
+
+  In training the batch (axis 0) is split into virtual batches of ``virtual_batch_size``
+  examples, each normalized with its own statistics (Hoffer, Hubara and Soudry 2017); the
+  running statistics average over them (:func:`jaxnorm.ghost_batch_norm`). With
+  ``virtual_batch_size=None`` it is :class:`BatchNorm`. The state is :class:`BatchNorm`'s.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> layer = jnnx.GhostBatchNorm(1, virtual_batch_size=2)
+    >>> layer(jnp.array([[1.0], [3.0], [10.0], [30.0]])).ravel().round(3)
+    Array([-1.,  1., -1.,  1.], dtype=float32)
+  """
+
+  def __init__(self, num_features: Features, *, virtual_batch_size: int | None = None,
+               **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.virtual_batch_size = virtual_batch_size
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    """Normalizes ``x`` per virtual batch; in training, also updates ``mean`` and ``var``."""
+    x, feature_axes, training = self._prepare(x, use_running_average)
+    y, running = variants.ghost_batch_norm(
+        x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
+        training=training, virtual_batch_size=self.virtual_batch_size, axis=feature_axes,
+        momentum=self.momentum, epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+    if training:
+      self._store(running)
+    return y
+
+
+class LpBatchNorm(BatchNorm):
+  """Batch norm divided by the L1, L2 or L-infinity spread of the batch (Santurkar et al. 2018).
+
+  .. math:: y = \\frac{x - \\mu_B}{\\sqrt{s_p^2 + \\epsilon}}\\,\\gamma + \\beta
+
+  :class:`BatchNorm`'s arguments plus ``p``: 1 (mean absolute deviation times
+  :math:`\\sqrt{\\pi/2}`), 2 (the standard deviation: :class:`BatchNorm` exactly) or
+  ``math.inf`` (maximum absolute deviation). See :func:`jaxnorm.lp_batch_norm`.
+
+  Example:
+    >>> import math, jax.numpy as jnp, jaxnorm.nnx as jnnx
+    >>> layer = jnnx.LpBatchNorm(1, p=math.inf, epsilon=0.0)
+    >>> layer(jnp.array([[0.0], [2.0], [3.0], [7.0]])).ravel()
+    Array([-0.75, -0.25,  0.  ,  1.  ], dtype=float32)
+  """
+
+  def __init__(self, num_features: Features, *, p: float | str = 2, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.p = variants.canonical_p(p)
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    """Normalizes ``x``; in training, also updates ``mean`` and ``var``."""
+    x, feature_axes, training = self._prepare(x, use_running_average)
+    y, running = variants.lp_batch_norm(
+        x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
+        training=training, p=self.p, axis=feature_axes, momentum=self.momentum,
+        epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+    if training:
+      self._store(running)
+    return y
 
 
 class LayerNorm(nnx.Module):
