@@ -381,6 +381,17 @@ def test_nnx_jit_matches_eager_and_does_not_retrace():
   assert_trees_close(batch_stats(jitted), batch_stats(eager), rtol=1e-5)
 
 
+def test_sharded_nnx_jit_needs_no_axis_name():
+  devices = np.array(jax.devices()[:8])
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("batch",)),
+                                        jax.sharding.PartitionSpec("batch"))
+  model, single = Block(3, 4, rngs=nnx.Rngs(0)), Block(3, 4, rngs=nnx.Rngs(0))
+  x = data((len(devices) * 4, 3), offset=50.0)
+  y = nnx.jit(lambda model, x: model(x))(model, jax.device_put(x, sharding))
+  np.testing.assert_allclose(y, single(x), rtol=1e-5, atol=1e-5)
+  assert_trees_close(batch_stats(model), batch_stats(single), rtol=1e-5)
+
+
 def test_split_merge_pure_step_matches_stateful_calls():
   model, reference_model = Block(3, 4, rngs=nnx.Rngs(0)), Block(3, 4, rngs=nnx.Rngs(0))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -440,6 +451,8 @@ def test_nnx_vmap_closing_over_the_model_names_the_fix():
   lanes = jax.random.normal(jax.random.key(0), (16, 16, 8, 1))
   with pytest.raises(errors.TraceContextError, match="axis_name='batch'"):
     nnx.vmap(model, in_axes=1)(lanes)  # the first pattern of flax issue 4760
+  with pytest.raises(ValueError):  # per-lane statistics cannot update shared running stats
+    nnx.vmap(lambda model, x: model(x), in_axes=(None, 1))(model, lanes)
   model.eval()
   assert nnx.vmap(model, in_axes=1)(lanes).shape == (16, 16, 8, 5)  # no update: no problem
 
