@@ -170,14 +170,67 @@ def pool_moments(moments: Moments, axis_name: AxisName, *,
   return Moments(count, shift, mean, var)
 
 
+def _explicit_shards(x: Array, axes: tuple[int, ...]):
+  """The mesh, x's partition entries, and the Explicit mesh axes that shard the ``axes`` of x.
+
+  Only sharding in types (an Explicit mesh, ``jax.make_mesh``'s default) is visible while
+  tracing; under an Auto mesh this finds nothing and XLA partitions the reductions itself.
+  """
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  if explicit is None or not hasattr(jax, "typeof"):  # JAX without sharding in types
+    return None
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  entries = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  names = []
+  for axis in axes:
+    entry = entries[axis]
+    for name in () if entry is None else entry if isinstance(entry, tuple) else (entry,):
+      if types.get(name) == explicit:
+        names.append(name)
+  return (mesh, entries, tuple(names)) if names else None
+
+
+def _pool_explicit_shards(x: Array, axes: tuple[int, ...], where: Array | None,
+                          shards) -> Moments:
+  """Each shard's moments, pooled over the mesh axes that shard ``axes``: one all_gather."""
+  mesh, entries, names = shards
+  spec = jax.sharding.PartitionSpec
+  out_spec = spec(*(None if a in axes else entry for a, entry in enumerate(entries)))
+
+  def pooled(x_shard, *where_shard):
+    local = local_moments(x_shard, axes, where=where_shard[0] if where_shard else None)
+    return pool_moments(local, names)
+
+  if where is None:
+    return jax.shard_map(pooled, mesh=mesh, in_specs=(spec(*entries),), out_specs=out_spec)(x)
+  where = jnp.reshape(where, (1,) * (x.ndim - where.ndim) + where.shape)
+  where_spec = spec(*(None if where.shape[a] == 1 else entry for a, entry in enumerate(entries)))
+  where = jax.sharding.reshard(where, jax.sharding.NamedSharding(mesh, where_spec))
+  return jax.shard_map(pooled, mesh=mesh, in_specs=(spec(*entries), where_spec),
+                       out_specs=out_spec)(x, where)
+
+
 def reduce_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
                    axis_name: AxisName | None = None,
                    axis_index_groups: Sequence[Sequence[int]] | None = None) -> Moments:
   """Moments of the valid elements of ``x`` over ``axes`` and over the devices of ``axis_name``.
 
   Returns a :class:`Moments` whose arrays keep the reduced axes as size 1, in float32 or wider.
-  Under sharded ``jit`` no ``axis_name`` is needed: XLA reduces over the shards itself.
+  Under sharded ``jit`` no ``axis_name`` is needed. Where ``x`` is sharded over an Explicit
+  mesh (``jax.make_mesh``'s default) along the reduced axes, each shard's moments are pooled
+  with one all_gather, as with ``axis_name``; under an Auto mesh XLA reduces over the shards
+  itself (a few all-reduces).
   """
+  if axis_name is None:
+    x = jnp.asarray(x)
+    reduced = checks.canonical_axes(axes, x.ndim, shape=x.shape)
+    shards = _explicit_shards(x, reduced)
+    if shards is not None:
+      return _pool_explicit_shards(x, reduced, checks.broadcast_mask(where, x.shape), shards)
   moments = local_moments(x, axes, where=where)
   if axis_name is not None:
     moments = pool_moments(moments, axis_name, axis_index_groups=axis_index_groups)

@@ -1,0 +1,310 @@
+"""Synchronized statistics across real processes, with ``jax.distributed`` over loopback.
+
+Two local processes with two host CPU devices each (gloo collectives) train a small Flax model
+with ``jaxnorm.linen.BatchNorm``, under ``jax.shard_map`` with ``axis_name`` and under sharded
+``jit`` without, on full batches and on masked batches where the processes hold unequal numbers
+of valid rows and one process holds none at some steps. Their parameters, running statistics
+and losses must equal those of one process on one device trained, in this test process, on the
+valid rows of every global batch concatenated; the running statistics of the input layer must
+equal a float64 NumPy reference. The failure paths are tested too: a peer that dies after
+joining, and a peer that never joins, make the other process exit within a bound with a message
+that says so. Every process a test starts is ended in a ``finally``, by its process id.
+
+In this process (8 host devices from conftest.py): the collectives in a compiled training step,
+one per normalization layer.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tests import reference
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE_PATH = ROOT / "examples" / "multiprocess_train.py"
+JOB_TIMEOUT = 120  # seconds for a whole two-process job; a healthy one takes about 15
+
+
+def load_example():
+  spec = importlib.util.spec_from_file_location("multiprocess_train", EXAMPLE_PATH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+example = load_example()
+
+
+def worker_logs(out: pathlib.Path, count: int) -> str:
+  return "\n".join(f"--- worker {i}:\n" + (out / f"worker{i}.log").read_text()[-4000:]
+                   for i in range(count) if (out / f"worker{i}.log").exists())
+
+
+def run_workers(args, *, timeout: float, start: range | None = None) -> tuple[list, str]:
+  """Starts the workers of ``args`` (or only those in ``start``), waits, always ends them all.
+
+  Returns each worker's exit code (None: still running at the deadline, then killed) and their
+  logs.
+  """
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  procs: list[subprocess.Popen] = []
+  try:
+    procs = example.start_workers(args, log_dir=out, only=start)
+    codes = example.wait_workers(procs, timeout)
+  finally:
+    example.stop_workers(procs)
+    assert all(proc.poll() is not None for proc in procs), [proc.pid for proc in procs]
+  return codes, worker_logs(out, args.num_processes)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+  """The example's quick job: 2 processes x 2 devices, both variants, both datasets."""
+  args = example.parse_args(["--quick", "--out", str(tmp_path_factory.mktemp("job"))])
+  codes, logs = run_workers(args, timeout=JOB_TIMEOUT)
+  assert codes == [0] * args.num_processes, logs
+  return args
+
+
+@pytest.fixture(scope="module")
+def references(job):
+  """One process on one device, on the valid rows of every global batch, for each dataset."""
+  config = example.config_of(job)
+  return {dataset: example.train_reference(config, dataset) for dataset in example.DATASETS}
+
+
+def test_job_runs_two_processes_with_two_devices_each(job):
+  logs = worker_logs(pathlib.Path(job.out), job.num_processes)
+  assert job.num_processes == 2 and job.devices_per_process == 2
+  for process_id in range(2):
+    for variant in example.VARIANTS:
+      for dataset in example.DATASETS:
+        assert example.result_path(pathlib.Path(job.out), variant, dataset, process_id).exists()
+    assert f"process {process_id}: shard_map full" in logs, logs
+
+
+@pytest.mark.parametrize("dataset", example.DATASETS)
+def test_distributed_training_equals_one_process_on_the_whole_batch(job, references, dataset):
+  expected = references[dataset]
+  flat_expected = example.flatten(expected["variables"])
+  for variant in example.VARIANTS:
+    for process_id in range(job.num_processes):
+      result = example.load_result(pathlib.Path(job.out), variant, dataset, process_id)
+      assert set(result) == set(flat_expected) | {"losses"}
+      for name, value in result.items():
+        assert np.isfinite(value).all(), (variant, process_id, name)
+      np.testing.assert_allclose(result["losses"], expected["losses"], rtol=2e-5, atol=2e-5,
+                                 err_msg=f"{variant} process {process_id}")
+      for name, value in flat_expected.items():
+        np.testing.assert_allclose(result[name], value, rtol=2e-5, atol=2e-5,
+                                   err_msg=f"{variant} process {process_id} {name}")
+
+
+@pytest.mark.parametrize("dataset", example.DATASETS)
+def test_input_layer_running_statistics_equal_float64_reference(job, dataset):
+  """The first BatchNorm sees the data itself: its running stats follow from the valid rows."""
+  config = example.config_of(job)
+  data = example.global_batches(config, dataset)
+  mean, var = np.zeros(example.FEATURES), np.ones(example.FEATURES)
+  for step in range(config.steps):
+    valid = data["valid"][step]
+    if dataset == "masked":
+      assert not valid.all()
+    batch_mean, batch_var, count = reference.moments(data["x"][step], 0, valid[:, None])
+    unbiased = batch_var[0] * count[0] / (count[0] - 1)
+    mean, var = 0.9 * mean + 0.1 * batch_mean[0], 0.9 * var + 0.1 * unbiased
+  for variant in example.VARIANTS:
+    for process_id in range(job.num_processes):
+      result = example.load_result(pathlib.Path(job.out), variant, dataset, process_id)
+      np.testing.assert_allclose(result["batch_stats/BatchNorm_0/mean"], mean, rtol=1e-5)
+      np.testing.assert_allclose(result["batch_stats/BatchNorm_0/var"], var, rtol=1e-5)
+
+
+def test_masked_data_has_fully_masked_processes_and_unequal_counts(job):
+  config = example.config_of(job)
+  valid = example.global_batches(config, "masked")["valid"]
+  per_process = valid.reshape(config.steps, config.num_processes, -1).sum(-1)
+  per_device = valid.reshape(config.steps, config.num_devices, -1).sum(-1)
+  assert (per_process == 0).any(axis=0).all(), per_process  # each process empty at some step
+  assert len(np.unique(per_device)) > 3, per_device
+
+
+def test_example_compares_itself_with_the_reference(job, references):
+  rows = example.compare(job, references)
+  assert len(rows) == len(example.VARIANTS) * len(example.DATASETS)
+  for row in rows:
+    assert row["finite"] and max(row["params"], row["batch_stats"], row["losses"]) < 1e-4, row
+
+
+def test_peer_that_dies_after_joining_makes_the_other_fail_fast(tmp_path):
+  args = example.parse_args(["--quick", "--out", str(tmp_path), "--heartbeat-timeout", "3",
+                             "--init-timeout", "20", "--fail-after-init"])
+  codes, logs = run_workers(args, timeout=60)
+  assert codes[1] == 3, logs  # the one that exits on purpose
+  assert codes[0] is not None and codes[0] != 0, logs  # ended by itself, before the deadline
+  assert re.search(r"unhealthy|another task died|crashed", logs), logs
+
+
+def test_peer_that_never_joins_makes_initialization_fail_fast(tmp_path):
+  args = example.parse_args(["--quick", "--out", str(tmp_path), "--init-timeout", "3"])
+  codes, logs = run_workers(args, timeout=60, start=range(1))  # process 1 is never started
+  assert codes[0] is not None and codes[0] != 0, logs
+  assert re.search(r"DEADLINE_EXCEEDED|timed out|Timeout|timeout", logs), logs
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives in the compiled training step, in this process on 8 host devices.
+
+COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|collective-permute|"
+                        r"all-to-all|collective-broadcast)(?:-start)?\(")
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+  """(kind, op_name) of every collective in compiled HLO text."""
+  found = []
+  for line in hlo.splitlines():
+    match = COLLECTIVE.search(line)
+    if match:
+      name = re.search(r'op_name="([^"]*)"', line)
+      found.append((match.group(1), name.group(1) if name else ""))
+  return found
+
+
+def compiled_step(variant: str, dataset: str, axis_type):
+  """The example's whole training step (forward, backward, update) compiled on 8 devices."""
+  config = example.Config(1, 8, 4, 1, 16, 0.05, 0)
+  mesh = Mesh(np.array(jax.devices()[:8]), (example.AXIS,), axis_types=(axis_type,))
+  data = example.global_batches(config, dataset)
+  variables = example.initial_variables(config)
+  optimizer = example.optimizer_of(config)
+  step = example.make_step(
+      example.make_loss(config, variant, mesh, masked=dataset == "masked"), optimizer)
+  batch = NamedSharding(mesh, P(example.AXIS))
+  x, y = jax.device_put(data["x"][0], batch), jax.device_put(data["y"][0], batch)
+  weight = jax.device_put(data["valid"][0].astype(np.float32), batch)
+  params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
+  lowered = step.lower(params, variables["batch_stats"], optimizer.init(params), x, y, weight)
+  return lowered.compile().as_text()
+
+
+def per_layer(found: list[tuple[str, str]]) -> dict[str, int]:
+  """Collectives of each BatchNorm layer's forward pass (not its gradient)."""
+  counts = {"BatchNorm_0": 0, "BatchNorm_1": 0}
+  for _, name in found:
+    for layer in counts:
+      if f"/{layer}/" in name and "transpose(" not in name:
+        counts[layer] += 1
+  return counts
+
+
+@pytest.mark.parametrize("dataset", example.DATASETS)
+@pytest.mark.parametrize("variant, axis_type", [("shard_map", AxisType.Auto),
+                                                ("shard_map", AxisType.Explicit),
+                                                ("jit", AxisType.Explicit)])
+def test_training_step_has_one_all_gather_per_norm_layer(variant, axis_type, dataset):
+  found = collectives(compiled_step(variant, dataset, axis_type))
+  assert per_layer(found) == {"BatchNorm_0": 1, "BatchNorm_1": 1}, found
+  assert [kind for kind, name in found if "/BatchNorm_" in name and "transpose(" not in name] \
+      == ["all-gather"] * 2, found
+  # Everything else reduces the loss and the gradients, as any data-parallel step does; XLA
+  # combines those all-reduces.
+  others = [kind for kind, name in found if "/BatchNorm_" not in name or "transpose(" in name]
+  assert set(others) <= {"all-reduce"} and len(others) <= 3, found
+
+
+@pytest.mark.parametrize("dataset", example.DATASETS)
+def test_auto_mesh_jit_step_lets_xla_reduce_each_norm_layer(dataset):
+  """Under an Auto mesh the sharding is not visible while tracing: XLA partitions the sums."""
+  found = collectives(compiled_step("jit", dataset, AxisType.Auto))
+  counts = per_layer(found)
+  assert all(count >= 1 for count in counts.values()), found
+  assert all(kind == "all-reduce" for kind, _ in found), found
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded jit over an Explicit mesh (jax.make_mesh's default), in this process on 8 devices.
+
+VALID_ROWS = [4, 1, 0, 2, 3, 0, 4, 1]  # per device along "batch": unequal, two fully masked
+
+
+def explicit_batch(rows_per_device=4, channels=6, offset=1e3, seed=0):
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal((8 * rows_per_device, channels)) * 2 + offset).astype(np.float32)
+  where = np.zeros((8 * rows_per_device, 1), bool)
+  for device, valid in enumerate(VALID_ROWS):
+    where[device * rows_per_device:device * rows_per_device + valid] = True
+  x[~where[:, 0]] = 1e4 * rng.standard_normal((int((~where).sum()), channels))
+  return x, where
+
+
+@pytest.mark.parametrize("mesh_shape, x_spec, masked, jitted", [
+    ((8,), P("b"), False, True),
+    ((8,), P("b"), True, True),
+    ((8,), P("b"), True, False),
+    ((4, 2), P("b", "f"), True, True),  # features sharded too: pooled over "b" only
+    ((2, 4), P(("b", "f")), True, True),  # rows sharded over both mesh axes
+])
+def test_batch_norm_on_explicit_mesh_equals_float64_reference(mesh_shape, x_spec, masked, jitted):
+  import jaxnorm
+  mesh = jax.make_mesh(mesh_shape, ("b", "f")[:len(mesh_shape)],
+                       axis_types=(AxisType.Explicit,) * len(mesh_shape))
+  x, where = explicit_batch()
+  where = where if masked else None
+  x_sharded = jax.device_put(x, NamedSharding(mesh, x_spec))
+  mask_spec = P(x_spec[0], None)
+  where_sharded = None if where is None else jax.device_put(where, NamedSharding(mesh, mask_spec))
+
+  def run(x, where):
+    return jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(6), training=True, momentum=0.5,
+                              epsilon=0.0, where=where)
+  y, running = (jax.jit(run) if jitted else run)(x_sharded, where_sharded)
+  mean, var, count = reference.moments(x, 0, where)
+  expected_y = (x - mean) / np.sqrt(var)
+  valid = reference.mask_of(where, x.shape)
+  assert np.isfinite(np.asarray(y)).all()
+  assert reference.max_error(y, expected_y, valid) < 1e-4
+  np.testing.assert_allclose(running.mean, 0.5 * mean[0], rtol=1e-6)
+  np.testing.assert_allclose(running.var, 0.5 + 0.5 * var[0] * count[0] / (count[0] - 1),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_explicit_mesh_input_gradient_equals_one_device(masked):
+  import jaxnorm
+  mesh = jax.make_mesh((8,), ("b",), axis_types=(AxisType.Explicit,))
+  x, where = explicit_batch(offset=10.0)
+  where = where if masked else None
+  weights = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+
+  def loss(x, where):
+    y, _ = jaxnorm.batch_norm(x, None, training=True, where=where)
+    return jnp.sum(jnp.where(True if where is None else where, y * weights, 0))
+  expected = jax.grad(loss)(x, where)
+  sharded = NamedSharding(mesh, P("b"))
+  actual = jax.jit(jax.grad(loss))(jax.device_put(x, sharded),
+                                   None if where is None else jax.device_put(where, sharded))
+  np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_mesh_batch_norm_compiles_to_one_all_gather():
+  import jaxnorm
+  mesh = jax.make_mesh((8,), ("b",), axis_types=(AxisType.Explicit,))
+  x, where = explicit_batch()
+  sharded = NamedSharding(mesh, P("b"))
+  for mask in (None, jax.device_put(where, sharded)):
+    run = jax.jit(lambda x, w: jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(6), training=True,
+                                                  where=w))
+    found = collectives(run.lower(jax.device_put(x, sharded), mask).compile().as_text())
+    assert [kind for kind, _ in found] == ["all-gather"], found
