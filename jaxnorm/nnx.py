@@ -3,10 +3,14 @@ from jaxnorm._src.nnx_norms import BatchNorm
 from jaxnorm._src.nnx_norms import BatchRenorm
 from jaxnorm._src.nnx_norms import GhostBatchNorm
 from jaxnorm._src.nnx_norms import GroupNorm
+from jaxnorm._src.nnx_norms import InputStat
 from jaxnorm._src.nnx_norms import InstanceNorm
 from jaxnorm._src.nnx_norms import LayerNorm
 from jaxnorm._src.nnx_norms import LpBatchNorm
+from jaxnorm._src.nnx_norms import MinMaxScale
 from jaxnorm._src.nnx_norms import RMSNorm
+from jaxnorm._src.nnx_norms import RobustScale
+from jaxnorm._src.nnx_norms import Standardize
 from jaxnorm._src.renorm import renorm_schedule
 
 __all__ = (
@@ -14,9 +18,13 @@ __all__ = (
     "BatchRenorm",
     "GhostBatchNorm",
     "GroupNorm",
+    "InputStat",
     "InstanceNorm",
     "LayerNorm",
     "LpBatchNorm",
+    "MinMaxScale",
     "RMSNorm",
+    "RobustScale",
+    "Standardize",
     "renorm_schedule",
 )

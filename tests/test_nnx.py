@@ -552,3 +552,63 @@ def test_orbax_checkpoint_restores_into_fresh_abstract_model(tmp_path):
     restored.eval()
     source.eval()
     np.testing.assert_allclose(restored(x), source(x), rtol=1e-5, atol=1e-5)
+
+
+# -- input layers with fitted statistics: the same as their jaxnorm.linen layers ---------------
+
+INPUT_LAYERS = {
+    "Standardize": {},
+    "MinMaxScale": {"feature_range": (-1.0, 1.0), "clip": True},
+    "RobustScale": {"quantile_range": (10.0, 90.0)},
+}
+
+
+@pytest.mark.parametrize("channel_axis", [-1, None])
+@pytest.mark.parametrize("name", list(INPUT_LAYERS))
+def test_input_layers_match_linen(name, channel_axis):
+  rng = np.random.default_rng(4)
+  x = (rng.standard_normal((64, 3)) * [1.0, 5.0, 0.1] + [1e3, -2.0, 7.0]).astype(np.float32)
+  stats = jaxnorm.fit_stats(x, channel_axis=channel_axis)
+  layer = getattr(jnnx, name)(stats, **INPUT_LAYERS[name])
+  linen = getattr(jnn, name)(stats=stats, **INPUT_LAYERS[name])
+  y_linen, variables = linen.init_with_output(jax.random.key(0), x)
+  np.testing.assert_array_equal(layer(x), y_linen)
+  ours = {str(path[0]): np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(layer))}
+  assert_trees_close(ours, jax.tree.map(np.asarray, dict(variables["input_stats"])), 0, 0)
+  assert all(type(v) is jnnx.InputStat for _, v in nnx.to_flat_state(nnx.state(layer)))
+  pixels = rng.integers(0, 256, (4, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(layer(pixels), linen.apply(variables, pixels))
+
+
+def test_input_stats_are_neither_trained_nor_differentiated():
+  x = (np.random.default_rng(5).standard_normal((32, 3)) * 4 + 100).astype(np.float32)
+
+  class Model(nnx.Module):
+    def __init__(self, stats, rngs):
+      self.inputs = jnnx.Standardize(stats)
+      self.linear = nnx.Linear(3, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.linear(self.inputs(x))
+
+  model = Model(jaxnorm.fit_stats(x), nnx.Rngs(0))
+  before = np.asarray(model.inputs.mean[...])
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  grads = nnx.grad(lambda model: jnp.mean(model(x) ** 2))(model)
+  assert "inputs" not in nnx.to_pure_dict(grads)
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(model.inputs.mean[...], before)
+  assert nnx.variablelib.variable_name_from_type(jnnx.InputStat) == "input_stats"
+
+
+def test_input_stats_survive_an_orbax_checkpoint(tmp_path):
+  x = (np.random.default_rng(6).standard_normal((32, 3)) * 4 + 100).astype(np.float32)
+  layer = jnnx.RobustScale(jaxnorm.fit_stats(x))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "inputs", nnx.state(layer))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: jnnx.RobustScale(num_features=3)))
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "inputs", abstract_state))
+  np.testing.assert_array_equal(restored(x), layer(x))
+  with pytest.raises(ValueError, match="num_features=C"):
+    jnnx.Standardize()
