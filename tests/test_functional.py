@@ -181,3 +181,109 @@ def test_works_under_vmap_over_examples():
   x = data((6, 4, 8), 3.0)
   y = jax.vmap(lambda row: jaxnorm.layer_norm(row))(x)
   np.testing.assert_allclose(y, jaxnorm.layer_norm(x), atol=1e-6)
+
+
+# --- properties over shapes, axes, masks and dtypes --------------------------------------------
+
+DTYPES = ["float32", "bfloat16", "float16", "float64"]
+OUTPUT_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 3e-3, "float64": 1e-9}
+
+
+@st.composite
+def layer_case(draw):
+  """x's shape, reduction axes (any non-empty set), a mask shape that broadcasts, a dtype."""
+  shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
+  axes = tuple(sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1))))
+  mask_shape = tuple(draw(st.sampled_from([s, 1])) for s in shape)
+  use_mask = draw(st.booleans())
+  return shape, axes, (mask_shape if use_mask else None), draw(st.sampled_from(DTYPES)), draw(
+      st.integers(0, 2**31 - 1)), draw(st.sampled_from([0.0, 1e2, 1e4]))
+
+
+def half_safe(offset, dtype):
+  return min(offset, 1e3) if dtype == "float16" else offset
+
+
+@given(layer_case())
+def test_layer_norm_property_every_dtype(args):
+  shape, axes, mask_shape, dtype, seed, offset = args
+  rng = np.random.default_rng(seed)
+  where = None if mask_shape is None else rng.random(mask_shape) < 0.6
+  with jax.enable_x64(dtype == "float64"):
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + half_safe(offset, dtype), dtype)
+    y = jax.jit(functools.partial(jaxnorm.layer_norm, reduction_axes=axes, epsilon=1e-3))(
+        x, where=where)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    ref = reference.standardize(np.asarray(x.astype(jnp.float32 if dtype != "float64"
+                                                    else jnp.float64)), axes, where, 1e-3)
+  valid = reference.mask_of(where, shape)
+  assert np.all(np.isfinite(np.asarray(y, np.float64)[valid]))
+  assert reference.relative_error(y, ref, valid) < OUTPUT_TOLERANCE[dtype]
+
+
+@st.composite
+def group_case(draw):
+  batch = draw(st.integers(1, 3))
+  spatial = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=2)))
+  groups, size = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+  shape = (batch, *spatial, groups * size)
+  mask_shape = tuple(draw(st.sampled_from([s, 1])) for s in shape)
+  use_mask = draw(st.booleans())
+  return shape, groups, (mask_shape if use_mask else None), draw(st.sampled_from(DTYPES)), draw(
+      st.integers(0, 2**31 - 1)), draw(st.sampled_from([0.0, 1e2, 1e4]))
+
+
+@given(group_case())
+def test_group_norm_property_every_dtype(args):
+  shape, groups, mask_shape, dtype, seed, offset = args
+  rng = np.random.default_rng(seed)
+  where = None if mask_shape is None else rng.random(mask_shape) < 0.6
+  with jax.enable_x64(dtype == "float64"):
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + half_safe(offset, dtype), dtype)
+    y = jax.jit(functools.partial(jaxnorm.group_norm, num_groups=groups, epsilon=1e-3))(
+        x, where=where)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    wide = np.asarray(x.astype(jnp.float64 if dtype == "float64" else jnp.float32))
+    full_mask = None if where is None else np.broadcast_to(where, shape)
+    ref = reference.group_norm(wide, groups, full_mask, 1e-3)
+  valid = reference.mask_of(where, shape)
+  assert np.all(np.isfinite(np.asarray(y, np.float64)[valid]))
+  assert reference.relative_error(y, ref, valid) < OUTPUT_TOLERANCE[dtype]
+
+
+# --- check_grads on every function, in float64, with and without masks -------------------------
+
+def masked_functions(where):
+  """Each normalization as a function of (x, scale, bias), with the mask ``where``."""
+  return {
+      "layer_norm": lambda x, s, b: jaxnorm.layer_norm(x, s, b, where=where),
+      "layer_norm_two_axes": lambda x, s, b: jaxnorm.layer_norm(
+          x, s, b, reduction_axes=(1, 2), where=where),
+      "rms_norm": lambda x, s, b: jaxnorm.rms_norm(x, s, where=where) + b,
+      "group_norm": lambda x, s, b: jaxnorm.group_norm(x, s, b, num_groups=2, where=where),
+      "instance_norm": lambda x, s, b: jaxnorm.instance_norm(x, s, b, where=where),
+      "batch_norm": lambda x, s, b: jaxnorm.batch_norm(
+          x, None, s, b, training=True, where=where)[0],
+      "batch_norm_eval": lambda x, s, b: jaxnorm.batch_norm(
+          x, jaxnorm.BatchStats(jnp.full(4, 3.0), jnp.full(4, 2.0)), s, b, training=False)[0],
+      "normalize": lambda x, s, b: jaxnorm.normalize(x, jnp.mean(x, (0, 1)), jnp.var(x, (0, 1)),
+                                                     s, b),
+  }
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", list(masked_functions(None)))
+def test_check_grads_float64(name, masked):
+  rng = np.random.default_rng(7)
+  where = None
+  if masked:
+    where = rng.random((3, 5, 1)) < 0.6
+    where[:, :2] = True  # at least two valid positions per example
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((3, 5, 4)) * 2 + 3, jnp.float64)
+    scale = jnp.asarray(rng.standard_normal(4) + 1, jnp.float64)
+    bias = jnp.asarray(rng.standard_normal(4), jnp.float64)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float64)
+    fn = masked_functions(where)[name]
+    loss = jax.jit(lambda x, s, b: jnp.sum(weights * fn(x, s, b) ** 2))
+    check_grads(loss, (x, scale, bias), order=1, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from jax.test_util import check_grads
 
 import jaxnorm
@@ -176,3 +176,48 @@ def test_pooled_input_gradient_equals_full_batch_gradient():
   full = jax.grad(loss_full)(x)
   pooled = jax.grad(loss_pooled)(x.reshape(4, 4, 3)).reshape(16, 3)
   np.testing.assert_allclose(pooled, full, atol=1e-5)
+
+
+DTYPES = ["float32", "bfloat16", "float16", "float64"]
+
+
+@given(case(), st.sampled_from(DTYPES))
+def test_moments_every_dtype_match_float64_reference(args, dtype):
+  """Half precision is reduced in float32, float64 (with x64 enabled) stays float64."""
+  shape, axes, mask_shape, seed, offset = args
+  if dtype == "float16":
+    offset = min(offset, 1e3)  # float16 tops out at 65504
+  rng = np.random.default_rng(seed)
+  where = None if mask_shape is None else rng.random(mask_shape) < 0.6
+  with jax.enable_x64(dtype == "float64"):
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + offset, dtype)
+    mean, var = jax.jit(functools.partial(jaxnorm.moments, axes=axes, keepdims=True))(
+        x, where=where)
+    expected_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+    assert mean.dtype == var.dtype == expected_dtype
+    ref_mean, ref_var, _ = reference.moments(np.asarray(x.astype(expected_dtype)), axes, where)
+  tight = dtype == "float64"
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-12 if tight else 1e-6,
+                             atol=1e-9 if tight else 1e-5)
+  # the variance of the rounded values, to float32 accuracy relative to the spread
+  spread = np.maximum(ref_var, 1.0)
+  assert np.all(np.abs(np.asarray(var, np.float64) - ref_var) <= (1e-10 if tight else 2e-4)
+                * spread)
+
+
+@settings(max_examples=10)
+@given(case())
+def test_moments_check_grads_float64_with_and_without_mask(args):
+  """Reverse- and forward-mode derivatives of mean and variance against finite differences."""
+  shape, axes, mask_shape, seed, _ = args
+  rng = np.random.default_rng(seed)
+  where = None if mask_shape is None else rng.random(mask_shape) < 0.6
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + 3, jnp.float64)
+    weights = jnp.asarray(rng.standard_normal((2,) + shape), jnp.float64)
+
+    def f(x):
+      mean, var = jaxnorm.moments(x, axes, where=where, keepdims=True)
+      return jnp.sum(weights[0] * mean) + jnp.sum(weights[1] * var)
+
+    check_grads(jax.jit(f), (x,), order=1, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
