@@ -287,8 +287,8 @@ def test_resnet_checkpoint_from_flax_norms_restores_into_jaxnorm_norms(tmp_path)
   @jax.jit
   def flax_train_step(variables):
     def loss_fn(params):
-      logits, updates = flax_model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                         images, train=True, mutable=["batch_stats"])
+      state = {"params": params, "batch_stats": variables["batch_stats"]}
+      logits, updates = flax_model.apply(state, images, train=True, mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, updates["batch_stats"]
 
