@@ -159,7 +159,16 @@ def pool_moments(moments: Moments, axis_name: AxisName, *,
   """
   stacked = jnp.stack(moments)
   gathered = _all_gather(stacked, axis_name, axis_index_groups)
-  counts, shifts, means, variances = (gathered[:, i] for i in range(4))
+  return merge_moments(Moments(*(gathered[:, i] for i in range(4))))
+
+
+def merge_moments(parts: Moments) -> Moments:
+  """Merges moments stacked along a leading axis (one entry per part) into those of all parts.
+
+  The merge of :func:`pool_moments`, for callers that gather the parts themselves (for example
+  together with other per-part values, in the same collective).
+  """
+  counts, shifts, means, variances = parts
   reference = jnp.argmax(counts > 0, axis=0)[None]
   shift = lax.stop_gradient(jnp.take_along_axis(shifts, reference, axis=0)[0])
   device_means = (shifts - shift) + means
