@@ -62,6 +62,8 @@ _INDEX_BITS = 51
 # empty batch's grain is larger than any, so merging with it keeps the other's.
 UNKNOWN_GRAIN = -(2**62)
 _EMPTY_GRAIN = 2**62
+# Bin width exponent of an empty histogram: finer than any float64, so merging keeps the other's.
+_EMPTY_EXPONENT = -1100
 
 
 class Histogram(NamedTuple):
@@ -321,8 +323,8 @@ def stats_of_batch(batch: ArrayLike, *, channel_axis: int | None = -1, ignore_na
     count, mean, m2, lo, hi = _empty_moments(channels)
     histogram = None
     if bins is not None:
-      histogram = Histogram(np.zeros(channels, np.int64), np.zeros(channels, np.int64),
-                            np.zeros((channels, bins), np.int64),
+      histogram = Histogram(np.full(channels, _EMPTY_EXPONENT, np.int64),
+                            np.zeros(channels, np.int64), np.zeros((channels, bins), np.int64),
                             np.full(channels, _EMPTY_GRAIN, np.int64))
   elif x.dtype in _SMALL_INTEGER_DTYPES:
     count, mean, m2, lo, hi, histogram = _value_histogram_moments(x, bins)
@@ -391,7 +393,9 @@ def _histogram_quantile(histogram: Histogram, count, lo, hi, q: float) -> np.nda
     value = np.where(exact, left, left + inside * width)
     return np.clip(value, lo, hi)
 
-  value = order_statistic(below) + (rank - below) * (order_statistic(above) - order_statistic(below))
+  with np.errstate(invalid="ignore"):  # channels without values give NaN
+    low = order_statistic(below)
+    value = low + (rank - below) * (order_statistic(above) - low)
   return np.where(count > 0, value, np.nan)
 
 
@@ -511,7 +515,8 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
   Each device reduces its shard with jaxnorm's shifted moments (:func:`jaxnorm.reduce_moments`,
   in float32 or wider); with ``axis_name`` (under ``vmap``, ``pmap``, ``shard_map``) one
   ``all_gather`` brings every device's count, mean, variance, minimum and maximum to all of them,
-  and they are merged with Chan's formulas weighted by count (``stats.pool_moments``). The
+  and they are merged with Chan's formulas weighted by count (``stats.merge_moments``, the merge
+  of ``stats.pool_moments``). The
   result is that of all shards together. Jittable; quantiles are left None (use
   :func:`fit_stats` on the host, and :func:`merge_across_processes` across processes).
 
@@ -539,25 +544,14 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
                min=lo[0], max=hi[0], channel_axis=channel_axis, ignore_nan=ignore_nan)
 
 
-_GATHERED = "jaxnorm_gathered_devices"
-
-
 def _pool(local: moments_lib.Moments, lo: Array, hi: Array, axis_name: Hashable):
   """One all_gather of every device's moments, minimum and maximum, then the count-weighted merge.
 
-  The merge is ``stats.pool_moments`` itself, run under ``vmap`` over the gathered devices (its
-  own all_gather along that vmapped axis is a local reshuffle, not a collective).
+  The merge is that of ``stats.pool_moments`` (``stats.merge_moments``).
   """
   packed = jnp.stack(list(local) + [lo, hi])
-  gather = getattr(moments_lib, "_all_gather", None)
-  if gather is not None:  # typed as the same on every device under shard_map
-    gathered = gather(packed, axis_name, None)
-  else:
-    gathered = jax.lax.all_gather(packed, axis_name)
-  per_device = moments_lib.Moments(*(gathered[:, i] for i in range(4)))
-  pool = functools.partial(moments_lib.pool_moments, axis_name=_GATHERED)
-  merged = jax.vmap(pool, axis_name=_GATHERED)(per_device)
-  merged = moments_lib.Moments(*(field[0] for field in merged))
+  gathered = moments_lib._all_gather(packed, axis_name, None)  # pylint: disable=protected-access
+  merged = moments_lib.merge_moments(moments_lib.Moments(*(gathered[:, i] for i in range(4))))
   return merged, jnp.min(gathered[:, 4], axis=0), jnp.max(gathered[:, 5], axis=0)
 
 

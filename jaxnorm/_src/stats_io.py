@@ -97,19 +97,22 @@ def stats_from_dict(data: Any, *, source: str = "stats") -> dataset_stats.Stats:
       fail(f"'{name}' holds a non-finite value (NaN or infinity): {value!r}")
     return array
 
-  fields = {name: numbers(name) for name in MOMENT_FIELDS}
+  count = numbers("count")
+  if np.any(count != np.round(count)) or np.any(count < 0):
+    fail(f"'count' must hold positive integers, got {data['count']!r}")
+  if np.any(count == 0):
+    fail(f"channel(s) {np.flatnonzero(count == 0).tolist()[:8]} hold no value (count 0); "
+         f"statistics need at least one value per channel")
+  fields = {name: numbers(name) for name in MOMENT_FIELDS[1:]}
+  fields["count"] = count.astype(np.int64)
   present = [name for name in QUANTILE_FIELDS if data[name] is not None]
   if present and len(present) != len(QUANTILE_FIELDS):
     fail(f"{present} are given but {sorted(set(QUANTILE_FIELDS) - set(present))} are null; "
          f"give all of median, q25, q75 and quantile_error, or none")
   fields.update({name: numbers(name) for name in present})
-  count = fields["count"]
-  if np.any(count < 1) or np.any(count != np.round(count)):
-    fail(f"'count' must hold positive integers, got {data['count']!r}")
-  fields["count"] = count.astype(np.int64)
   if np.any(fields["var"] < 0):
     fail(f"'var' must not be negative, got {data['var']!r}")
-  if not np.allclose(fields["std"], np.sqrt(fields["var"]), rtol=1e-9, atol=0):
+  if not np.allclose(fields["std"], np.sqrt(fields["var"]), rtol=1e-6, atol=0):
     fail("'std' is not the square root of 'var'; the file was edited or corrupted")
   lo, hi = fields["min"], fields["max"]
   order = [("min", "max"), ("min", "mean"), ("mean", "max")]
