@@ -264,6 +264,25 @@ def train_distributed(config: Config, variant: str, dataset: str, mesh, process_
   return {"variables": local, "losses": np.array(losses), "seconds_per_step": seconds}
 
 
+def time_all_gather(config: Config, mesh, repeats: int) -> float:
+  """Median seconds of one all_gather of a norm layer's statistics alone: the collective's cost."""
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  per_device = np.ones((4, 1, config.hidden), np.float32)  # count, shift, mean, var
+  local = np.tile(per_device, (config.devices_per_process, 1, 1))
+  stacked = jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local)
+  gather = jax.jit(jax.shard_map(lambda s: jax.lax.all_gather(s, AXIS, to="invarying"),
+                                 mesh=mesh, in_specs=P(AXIS), out_specs=P()))
+  jax.block_until_ready(gather(stacked))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(gather(stacked))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 # ----------------------------------------------------------------------------------------------
 # Processes: a worker joins the distributed runtime; the launcher starts and ends the workers.
 
@@ -332,6 +351,7 @@ def run_worker(args: argparse.Namespace) -> int:
       print(f"process {args.process_id}: {variant:9s} {dataset:6s} losses "
             f"{np.round(result['losses'], 4).tolist()}", flush=True)
   if args.timing_steps:
+    timings["all_gather"] = time_all_gather(config, mesh, args.timing_steps)
     (out / f"timings-process{args.process_id}.json").write_text(json.dumps(timings))
   if args.num_processes > 1:
     jax.distributed.shutdown()

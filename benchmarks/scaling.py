@@ -1,0 +1,160 @@
+"""Time per training step of synchronized BatchNorm from 1 to 8 host devices and 1 to 2 processes.
+
+Trains the model of ``examples/multiprocess_train.py`` (BatchNorm on the inputs, a hidden layer
+with BatchNorm, a linear output) on a fixed global batch spread over ``processes x devices``
+host CPU devices, under ``jax.shard_map`` with ``axis_name`` and under sharded ``jit`` over an
+Explicit mesh, on full and on masked batches. Two processes talk through ``jax.distributed``
+over loopback with gloo collectives. Each configuration runs in fresh worker processes; the
+figure is the median over the timed steps (after the step that compiles) of the slowest
+process, and the configurations take turns over ``--rounds`` rounds (median of rounds).
+
+Beside the times: the collectives of the compiled training step on 8 host devices, per
+normalization layer and in all (deterministic, unlike the times).
+
+Host devices share the machine's cores: on a 2-core machine, 4 or 8 devices only add
+scheduling and collective overhead, and absolute times on a shared machine are noisy.
+
+Run: python benchmarks/scaling.py [--quick] [--rounds 2] [--global-batch 4096] [--hidden 256]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296:"
+                  "glibc.malloc.arena_max=1")
+CONFIGS = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 4)]  # (processes, devices each)
+QUICK_CONFIGS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|collective-permute|"
+                        r"all-to-all|collective-broadcast)(?:-start)?\(")
+
+
+def load_example():
+  path = ROOT / "examples" / "multiprocess_train.py"
+  spec = importlib.util.spec_from_file_location("multiprocess_train", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def time_config(example, processes: int, devices: int, args, out: Path) -> dict[str, float]:
+  """Seconds per step of every variant and dataset for one configuration (slowest process)."""
+  total = processes * devices
+  argv = ["--num-processes", str(processes), "--devices-per-process", str(devices),
+          "--rows-per-device", str(args.global_batch // total), "--hidden", str(args.hidden),
+          "--steps", "2", "--timing-steps", str(args.steps), "--out", str(out),
+          "--job-timeout", "300"]
+  job = example.parse_args(argv)
+  codes = example.run_job(job)
+  if any(code != 0 for code in codes):
+    logs = "\n".join((out / f"worker{i}.log").read_text()[-2000:] for i in range(processes))
+    raise RuntimeError(f"{processes} x {devices}: workers exited with {codes}\n{logs}")
+  timings = [json.loads((out / f"timings-process{i}.json").read_text())
+             for i in range(processes)]
+  return {key: max(t[key] for t in timings) for key in timings[0]}
+
+
+def collective_counts(example) -> list[tuple[str, str, dict[str, int], dict[str, int]]]:
+  """(variant, dataset, per-layer forward collectives, all collectives) on 8 host devices."""
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType, Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+  rows = []
+  config = example.Config(1, 8, 4, 1, 16, 0.05, 0)
+  for variant, axis_type in (("shard_map", AxisType.Explicit), ("jit", AxisType.Explicit),
+                             ("jit", AxisType.Auto)):
+    mesh = Mesh(np.array(jax.devices()[:8]), (example.AXIS,), axis_types=(axis_type,))
+    for dataset in example.DATASETS:
+      data = example.global_batches(config, dataset)
+      variables = example.initial_variables(config)
+      optimizer = example.optimizer_of(config)
+      step = example.make_step(
+          example.make_loss(config, variant, mesh, masked=dataset == "masked"), optimizer)
+      batch = NamedSharding(mesh, P(example.AXIS))
+      params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
+      hlo = step.lower(params, variables["batch_stats"], optimizer.init(params),
+                       jax.device_put(data["x"][0], batch), jax.device_put(data["y"][0], batch),
+                       jax.device_put(data["valid"][0].astype(np.float32), batch)
+                       ).compile().as_text()
+      per_layer = collections.Counter()
+      everything = collections.Counter()
+      for line in hlo.splitlines():
+        match = COLLECTIVE.search(line)
+        if not match:
+          continue
+        everything[match.group(1)] += 1
+        name = re.search(r'op_name="([^"]*)"', line)
+        layer = re.search(r"/(BatchNorm_\d+)/", name.group(1) if name else "")
+        if layer and "transpose(" not in name.group(1):
+          per_layer[f"{layer.group(1)} {match.group(1)}"] += 1
+      label = f"{variant} ({'explicit' if axis_type == AxisType.Explicit else 'auto'} mesh)"
+      rows.append((label, dataset, dict(per_layer), dict(everything)))
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="1 and 2 devices, 1 and 2 processes, few steps, one round")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, quick 5)")
+  parser.add_argument("--global-batch", type=int, default=None,
+                      help="rows per step over all devices (default 4096, quick 512)")
+  parser.add_argument("--hidden", type=int, default=256)
+  args = parser.parse_args(argv)
+  args.steps = args.steps or (5 if args.quick else 20)
+  args.global_batch = args.global_batch or (512 if args.quick else 4096)
+  rounds = 1 if args.quick else args.rounds
+  configs = QUICK_CONFIGS if args.quick else CONFIGS
+  os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+  # This process compiles on 8 host devices to count collectives; workers set their own.
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", 8)
+  example = load_example()
+
+  samples: dict[tuple[int, int], list[dict[str, float]]] = collections.defaultdict(list)
+  with tempfile.TemporaryDirectory(prefix="jaxnorm-scaling-") as tmp:
+    for round_index in range(rounds):
+      for processes, devices in configs:
+        out = Path(tmp) / f"r{round_index}-{processes}x{devices}"
+        samples[(processes, devices)].append(time_config(example, processes, devices, args, out))
+
+  keys = [f"{v}-{d}" for v in example.VARIANTS for d in example.DATASETS] + ["all_gather"]
+  print(f"# Synchronized BatchNorm: time per training step (ms), global batch "
+        f"{args.global_batch} x {example.FEATURES} features, hidden {args.hidden}, 2 BatchNorm "
+        f"layers, SGD; all_gather: one norm layer's statistics gathered alone")
+  print(f"\nMedian over {args.steps} steps and {rounds} round(s), slowest process; "
+        f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}.\n")
+  print("| processes x devices | devices | " + " | ".join(keys) + " |")
+  print("|---|---:|" + "---:|" * len(keys))
+  for processes, devices in configs:
+    rounds_of = samples[(processes, devices)]
+    cells = [f"{1e3 * statistics.median(r[key] for r in rounds_of):.2f}" for key in keys]
+    print(f"| {processes} x {devices} | {processes * devices} | " + " | ".join(cells) + " |")
+
+  print("\n# Collectives in the compiled training step on 8 host devices\n")
+  print("| step | data | per norm layer (forward) | whole step (forward, backward, update) |")
+  print("|---|---|---|---|")
+  for label, dataset, per_layer, everything in collective_counts(example):
+    layer_text = ", ".join(f"{k}: {v}" for k, v in sorted(per_layer.items())) or "-"
+    all_text = ", ".join(f"{k}: {v}" for k, v in sorted(everything.items()))
+    print(f"| {label} | {dataset} | {layer_text} | {all_text} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
