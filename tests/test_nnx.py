@@ -106,8 +106,7 @@ def test_flax_state_loads_into_jaxnorm_layer_and_random_inits_match():
 # -- same outputs as jaxnorm.linen on the same variables -----------------------------------------
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("masked", "use_jit"), [(False, False), (True, True)])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_same_outputs_and_running_stats_as_linen(name, masked, use_jit):
   layer = randomize(nnx_layer(jnnx, name))
@@ -216,12 +215,13 @@ def test_batch_norm_variants_match_linen_over_steps(name, masked):
   if name == "BatchRenorm":
     variables["batch_stats"]["step"] = layer.step[...]
   step = nnx.jit(lambda model, x, mask: model(x, mask=mask))
-  for seed in range(4):  # the renorm clips relax from step 1 to 3
+  linen_step = jax.jit(lambda variables, x, mask: linen.apply(
+      variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]))
+  for seed in range(3):  # the renorm clips relax from step 1 on
     x = data((6, 5, 4), offset=2.0 + seed, seed=seed)
     mask = np.random.default_rng(seed).random((6, 5, 1)) < 0.7 if masked else None
     y = step(layer, x, mask)
-    y_linen, updates = linen.apply(variables, x, use_running_average=False, mask=mask,
-                                   mutable=["batch_stats"])
+    y_linen, updates = linen_step(variables, x, mask)
     variables = {**variables, **updates}
     np.testing.assert_allclose(y, y_linen, rtol=1e-5, atol=1e-5)
   assert_trees_close(batch_stats(layer), jax.tree.map(np.asarray, updates["batch_stats"]),
