@@ -141,6 +141,11 @@ class Stats:
           "these Stats hold no histogram (loaded from JSON, computed by device_stats, or fitted "
           "with quantiles=False), so only the stored median, q25 and q75 are known; fit with "
           "jaxnorm.fit_stats(..., quantiles=True) to get other quantiles")
+    if isinstance(self.histogram.counts, jax.core.Tracer):
+      raise ValueError(
+          "quantiles come from the histogram on the host, but these Stats are traced (passed "
+          "as an argument to a jitted function); close over the statistics instead, e.g. "
+          "jax.jit(lambda x: jaxnorm.robust(x, stats, quantile_range=(10, 90)))")
     q = np.asarray(q, np.float64)
     if np.any((q < 0) | (q > 1)) or np.any(np.isnan(q)):
       raise ValueError(f"quantiles q={q} must lie in [0, 1]; for percentiles divide by 100")
