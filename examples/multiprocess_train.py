@@ -29,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -435,6 +436,23 @@ def run_job(args: argparse.Namespace) -> list[int | None]:
   return codes
 
 
+def diagnose(log: str, code: int | None) -> str:
+  """One line on why a worker ended, from its exit code and log (JAX's runtime aborts it)."""
+  if code == 0:
+    return "finished"
+  if code is None:
+    return "still running at the launcher's deadline (--job-timeout): ended by the launcher"
+  if "RegisterTask" in log or ("Barrier" in log and "DEADLINE_EXCEEDED" in log):
+    return ("could not join: not every process reached the coordinator within "
+            "--init-timeout seconds (a peer did not start, or the address is wrong)")
+  if "unhealthy" in log or "another task died" in log:
+    dead = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)", log)
+    peers = dead.group(1).split() if dead else ["?"]
+    return (f"stopped because process(es) {', '.join(peers)} died "
+            f"(no heartbeat for --heartbeat-timeout seconds)")
+  return f"failed with exit code {code}"
+
+
 def load_result(out: Path, variant: str, dataset: str, process_id: int) -> dict[str, np.ndarray]:
   with np.load(result_path(out, variant, dataset, process_id)) as saved:
     return dict(saved)
@@ -520,8 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   codes = run_job(args)
   if any(code != 0 for code in codes):
     for process_id in range(args.num_processes):
-      print(f"--- worker {process_id} (exit code {codes[process_id]}):")
-      print((Path(args.out) / f"worker{process_id}.log").read_text()[-3000:])
+      log = (Path(args.out) / f"worker{process_id}.log").read_text()
+      print(f"--- worker {process_id} (exit code {codes[process_id]}):\n{log[-3000:]}")
+    for process_id, code in enumerate(codes):
+      log = (Path(args.out) / f"worker{process_id}.log").read_text()
+      print(f"worker {process_id}: {diagnose(log, code)}")
     return 1
   print("\ndistributed training vs one process on the concatenated valid rows "
         "(largest relative difference)")
