@@ -106,7 +106,7 @@ class CNN(nn.Module):
 
 def batch_indices(labels: np.ndarray, batch_size: int, steps: int, order: str,
                   rng: np.random.Generator) -> np.ndarray:
-  """``steps`` batches of indices: shuffled epochs, or epochs sorted by class in shuffled batches."""
+  """``steps`` batches of indices: shuffled epochs, or epochs sorted by class, batches shuffled."""
   per_epoch = len(labels) // batch_size
   rows = []
   while len(rows) * per_epoch < steps:

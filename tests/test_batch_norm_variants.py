@@ -161,9 +161,10 @@ def test_linen_ghost_batch_norm():
   variables = layer.init(jax.random.key(0), x[:1], use_running_average=False)
   assert set(variables["batch_stats"]) == {"mean", "var"}
   y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-  y_ref, new = jaxnorm.ghost_batch_norm(x, jaxnorm.init_batch_stats(3), variables["params"]["scale"],
-                                        variables["params"]["bias"], training=True,
-                                        virtual_batch_size=4, momentum=0.9)
+  params = variables["params"]
+  y_ref, new = jaxnorm.ghost_batch_norm(x, jaxnorm.init_batch_stats(3), params["scale"],
+                                        params["bias"], training=True, virtual_batch_size=4,
+                                        momentum=0.9)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(updates["batch_stats"]["mean"], new.mean)
   with pytest.raises(ValueError, match="must divide"):
@@ -221,7 +222,8 @@ def test_lp_2_is_batch_norm_exactly():
     y_bn, new_bn = jaxnorm.batch_norm(x, running, training=training, where=where)
     np.testing.assert_array_equal(y, y_bn)
     np.testing.assert_array_equal(new.var, new_bn.var)
-  layer, plain = jnn.LpBatchNorm(use_running_average=False), jnn.BatchNorm(use_running_average=False)
+  layer = jnn.LpBatchNorm(use_running_average=False)
+  plain = jnn.BatchNorm(use_running_average=False)
   variables = plain.init(jax.random.key(0), x)
   y, updates = layer.apply(variables, x, mutable=["batch_stats"])
   y_bn, updates_bn = plain.apply(variables, x, mutable=["batch_stats"])

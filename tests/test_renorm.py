@@ -1,4 +1,4 @@
-"""jaxnorm.batch_renorm, renorm_schedule and jaxnorm.linen.BatchRenorm against float64 references."""
+"""jaxnorm.batch_renorm, renorm_schedule and jaxnorm.linen.BatchRenorm vs float64 references."""
 import functools
 import os
 import subprocess
@@ -203,6 +203,10 @@ def test_missing_running_state_is_an_error_naming_the_fix():
     jaxnorm.batch_renorm(jnp.ones((4, 2)), None, training=True)
   with pytest.raises(ValueError, match="at least 2 values per channel"):
     jaxnorm.batch_renorm(jnp.ones((1, 2)), jaxnorm.init_renorm_stats(2), training=True)
+  with pytest.raises(ValueError, match="rmax=0.5 must be at least 1"):
+    jaxnorm.batch_renorm(jnp.ones((4, 2)), jaxnorm.init_renorm_stats(2), training=True, rmax=0.5)
+  with pytest.raises(ValueError, match="dmax=-1 must be at least 0"):
+    jaxnorm.batch_renorm(jnp.ones((4, 2)), jaxnorm.init_renorm_stats(2), training=True, dmax=-1)
 
 
 def test_renorm_schedule_follows_the_paper_recipe():

@@ -56,8 +56,9 @@ def init_renorm_stats(feature_shape: int | tuple[int, ...], dtype: Any = jnp.flo
 
   Example:
     >>> import jaxnorm
-    >>> jaxnorm.init_renorm_stats(2)
-    RenormStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32), step=Array(0, dtype=int32))
+    >>> state = jaxnorm.init_renorm_stats(2)
+    >>> state.mean, state.var, state.step
+    (Array([0., 0.], dtype=float32), Array([1., 1.], dtype=float32), Array(0, dtype=int32))
   """
   running = bn.init_batch_stats(feature_shape, dtype)
   return RenormStats(running.mean, running.var, jnp.zeros((), jnp.int32))
@@ -126,10 +127,13 @@ def renorm_schedule(warmup_steps: int, relax_steps: int, *, rmax: float = 3.0,
                         _ramp(0.0, dmax, warmup_steps, dmax_relax_steps))
 
 
-def clip_value(value: FloatOrSchedule, step: Array) -> Array:
+def clip_value(value: FloatOrSchedule, step: Array, *, name: str, least: float) -> Array:
   """A clip as a float32 scalar: ``value(step)`` for a schedule, ``value`` itself otherwise."""
   if callable(value):
     value = value(step)
+  elif isinstance(value, (int, float)) and value < least:
+    raise ValueError(f"{name}={value} must be at least {least}; rmax=1, dmax=0 is batch norm, "
+                     f"the paper relaxes them to rmax=3, dmax=5")
   return jnp.asarray(value, jnp.float32)
 
 
@@ -223,7 +227,8 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
   running_mean = checks.feature_param(running.mean, x.shape, feature_axes, "running.mean")
   running_var = checks.feature_param(running.var, x.shape, feature_axes, "running.var")
   r, d = renorm_correction(moments.full_mean, moments.var, running_mean, running_var,
-                           rmax=clip_value(rmax, step), dmax=clip_value(dmax, step),
+                           rmax=clip_value(rmax, step, name="rmax", least=1.0),
+                           dmax=clip_value(dmax, step, name="dmax", least=0.0),
                            epsilon=epsilon)
   yf = moments.standardize(x.astype(moments.var.dtype), epsilon) * r + d
   y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
