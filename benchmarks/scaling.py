@@ -54,7 +54,7 @@ def time_config(example, processes: int, devices: int, args, out: Path) -> dict[
   argv = ["--num-processes", str(processes), "--devices-per-process", str(devices),
           "--rows-per-device", str(args.global_batch // total), "--hidden", str(args.hidden),
           "--steps", "2", "--timing-steps", str(args.steps), "--out", str(out),
-          "--job-timeout", "300"]
+          "--job-timeout", "300", "--skip-dataset-stats"]
   job = example.parse_args(argv)
   codes = example.run_job(job)
   if any(code != 0 for code in codes):

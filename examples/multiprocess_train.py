@@ -18,6 +18,10 @@ training, this launcher trains the same model in one process, on one device, on 
 of every global batch concatenated, and prints how far the parameters and running statistics of
 the distributed runs are from it: float32 rounding, nothing more.
 
+Then each process fits the statistics of its own (unequal) part of a dataset with
+``jaxnorm.fit_stats`` and ``jaxnorm.merge_across_processes`` merges them: every process gets
+those of all the data, as one process fitting everything would.
+
 The model code is the same on one device, on several devices and on several hosts. On GPU or
 TPU hosts, start one process per host (or per GPU) with the coordinator's address; see
 ``initialize`` below. Every wait is bounded: initialization, the heartbeat that detects a dead
@@ -285,6 +289,55 @@ def time_all_gather(config: Config, mesh, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Dataset statistics: each process fits its own part of the data, then they are merged.
+
+STATS_FIELDS = ("count", "mean", "var", "std", "min", "max", "median", "q25", "q75",
+                "quantile_error")
+
+
+def dataset(config: Config) -> np.ndarray:
+  """A dataset of 3 channels far from zero, and where each process's part of it ends.
+
+  Process ``p`` holds a share proportional to ``p + 1``: the parts are unequal.
+  """
+  rng = np.random.default_rng(config.seed + 1)
+  rows = 600 * config.num_processes
+  data = rng.standard_normal((rows, 3)) * [1.0, 5.0, 0.1] + [1e3, -20.0, 1e5]
+  weights = np.arange(1, config.num_processes + 1)
+  ends = np.round(rows * np.cumsum(weights) / weights.sum()).astype(int)
+  return data.astype(np.float32), ends
+
+
+def dataset_statistics(config: Config, mesh, process_id: int) -> dict[str, np.ndarray]:
+  """This process's view of the statistics of the whole dataset, two ways.
+
+  ``fit_*``: ``jaxnorm.fit_stats`` over this process's part only (in batches of 100 rows), then
+  ``jaxnorm.merge_across_processes`` (one process_allgather): exact, quantiles included.
+  ``device_*``: ``jaxnorm.device_stats`` under ``jax.shard_map`` on the dataset as one global
+  array sharded over every device of every process (one all_gather; float32).
+  """
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import jaxnorm
+  data, ends = dataset(config)
+  start = 0 if process_id == 0 else ends[process_id - 1]
+  mine = data[start:ends[process_id]]
+  fitted = jaxnorm.fit_stats([mine[i:i + 100] for i in range(0, len(mine), 100)])
+  merged = jaxnorm.merge_across_processes(fitted)
+  result = {f"fit_{name}": np.asarray(getattr(merged, name)) for name in STATS_FIELDS}
+  per_process = len(data) // config.num_processes  # equal shards for the global array
+  local = data[process_id * per_process:(process_id + 1) * per_process]
+  sharded = jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local)
+  device = jax.jit(jax.shard_map(lambda x: jaxnorm.device_stats(x, axis_name=AXIS), mesh=mesh,
+                                 in_specs=P(AXIS), out_specs=P()))(sharded)
+  for name in ("count", "mean", "var", "min", "max"):
+    result[f"device_{name}"] = np.asarray(getattr(device, name).addressable_data(0))
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Processes: a worker joins the distributed runtime; the launcher starts and ends the workers.
 
 def configure_host_devices(devices: int) -> None:
@@ -351,6 +404,10 @@ def run_worker(args: argparse.Namespace) -> int:
       timings[f"{variant}-{dataset}"] = result["seconds_per_step"]
       print(f"process {args.process_id}: {variant:9s} {dataset:6s} losses "
             f"{np.round(result['losses'], 4).tolist()}", flush=True)
+  if not args.skip_dataset_stats:
+    np.savez(out / f"dataset-stats-process{args.process_id}.npz",
+             **dataset_statistics(config, mesh, args.process_id))
+    print(f"process {args.process_id}: dataset statistics merged", flush=True)
   if args.timing_steps:
     timings["all_gather"] = time_all_gather(config, mesh, args.timing_steps)
     (out / f"timings-process{args.process_id}.json").write_text(json.dumps(timings))
@@ -377,6 +434,8 @@ def worker_command(args: argparse.Namespace, process_id: int, coordinator: str) 
   command += ["--variants", *args.variants, "--datasets", *args.datasets]
   if args.fail_after_init:
     command.append("--fail-after-init")
+  if args.skip_dataset_stats:
+    command.append("--skip-dataset-stats")
   return command
 
 
@@ -516,6 +575,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="the launcher ends every worker still running after this many seconds")
   parser.add_argument("--timing-steps", type=int, default=0,
                       help="time this many more steps per run (benchmarks/scaling.py)")
+  parser.add_argument("--skip-dataset-stats", action="store_true",
+                      help="skip fitting dataset statistics across the processes")
   parser.add_argument("--process-id", type=int, default=None, help="run as this worker")
   parser.add_argument("--coordinator", default=None, help="host:port of process 0 (workers)")
   parser.add_argument("--fail-after-init", action="store_true",

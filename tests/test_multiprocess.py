@@ -6,12 +6,15 @@ with ``jaxnorm.linen.BatchNorm``, under ``jax.shard_map`` with ``axis_name`` and
 of valid rows and one process holds none at some steps. Their parameters, running statistics
 and losses must equal those of one process on one device trained, in this test process, on the
 valid rows of every global batch concatenated; the running statistics of the input layer must
-equal a float64 NumPy reference. The failure paths are tested too: a peer that dies after
+equal a float64 NumPy reference. Dataset statistics fitted by each process on its own unequal
+part of the data and merged (``jaxnorm.merge_across_processes``) must equal ``jaxnorm.fit_stats``
+over all of it, and ``jaxnorm.device_stats`` over a global array a float64 reference. The
+failure paths are tested too: a peer that dies after
 joining, and a peer that never joins, make the other process exit within a bound with a message
 that says so. Every process a test starts is ended in a ``finally``, by its process id.
 
 In this process (8 host devices from conftest.py): the collectives in a compiled training step,
-one per normalization layer.
+one per normalization layer; batch norm under sharded ``jit`` over an Explicit mesh.
 """
 from __future__ import annotations
 
@@ -146,6 +149,44 @@ def test_example_compares_itself_with_the_reference(job, references):
   assert len(rows) == len(example.VARIANTS) * len(example.DATASETS)
   for row in rows:
     assert row["finite"] and max(row["params"], row["batch_stats"], row["losses"]) < 1e-4, row
+
+
+def test_fit_stats_merged_across_processes_equal_fit_stats_of_all_the_data(job):
+  """Each process fits its own (unequal) part; the merge equals one fit over everything."""
+  import jaxnorm
+  config = example.config_of(job)
+  data, ends = example.dataset(config)
+  assert len(set(np.diff(np.concatenate([[0], ends])))) == job.num_processes  # unequal parts
+  together = jaxnorm.fit_stats([data[i:i + 100] for i in range(0, len(data), 100)])
+  exact = data.astype(np.float64)
+  results = [dict(np.load(pathlib.Path(job.out) / f"dataset-stats-process{p}.npz"))
+             for p in range(job.num_processes)]
+  for name in results[0]:
+    np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+  merged = results[0]
+  np.testing.assert_array_equal(merged["fit_count"], together.count)
+  np.testing.assert_array_equal(merged["fit_count"], [len(data)] * 3)
+  np.testing.assert_allclose(merged["fit_mean"], exact.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(merged["fit_var"], exact.var(0), rtol=1e-10)
+  np.testing.assert_allclose(merged["fit_std"], together.std, rtol=1e-10)
+  np.testing.assert_array_equal(merged["fit_min"], exact.min(0))
+  np.testing.assert_array_equal(merged["fit_max"], exact.max(0))
+  for name, q in (("fit_q25", 0.25), ("fit_median", 0.5), ("fit_q75", 0.75)):
+    bound = merged["fit_quantile_error"] + 1e-9 * np.abs(merged[name])
+    assert (np.abs(merged[name] - np.quantile(exact, q, axis=0)) <= bound).all(), name
+    assert (np.abs(merged[name] - getattr(together, name[4:]))
+            <= bound + together.quantile_error).all(), name
+
+
+def test_device_stats_over_every_process_equal_float64_reference(job):
+  config = example.config_of(job)
+  exact = example.dataset(config)[0].astype(np.float64)
+  merged = dict(np.load(pathlib.Path(job.out) / "dataset-stats-process0.npz"))
+  np.testing.assert_array_equal(merged["device_count"], [len(exact)] * 3)
+  np.testing.assert_allclose(merged["device_mean"], exact.mean(0), rtol=1e-7)
+  np.testing.assert_allclose(merged["device_var"], exact.var(0), rtol=1e-4)
+  np.testing.assert_array_equal(merged["device_min"], exact.min(0))
+  np.testing.assert_array_equal(merged["device_max"], exact.max(0))
 
 
 def test_peer_that_dies_after_joining_makes_the_other_fail_fast(tmp_path):
