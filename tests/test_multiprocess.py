@@ -351,3 +351,15 @@ def test_explicit_mesh_batch_norm_compiles_to_one_all_gather():
                                                   where=w))
     found = collectives(run.lower(jax.device_put(x, sharded), mask).compile().as_text())
     assert [kind for kind, _ in found] == ["all-gather"], found
+
+
+def test_layer_norm_over_features_sharded_on_explicit_mesh_uses_one_all_gather():
+  """Tensor-parallel features: layer norm pools each row's statistics over the feature shards."""
+  import jaxnorm
+  mesh = jax.make_mesh((2, 4), ("b", "f"), axis_types=(AxisType.Explicit,) * 2)
+  x = (np.random.default_rng(3).standard_normal((8, 16)) * 3 + 1e3).astype(np.float32)
+  run = jax.jit(lambda x: jaxnorm.layer_norm(x, epsilon=0.0))
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("b", "f")))
+  assert reference.max_error(run(x_sharded), reference.standardize(x, -1)) < 1e-4
+  found = collectives(run.lower(x_sharded).compile().as_text())
+  assert [kind for kind, _ in found] == ["all-gather"], found
