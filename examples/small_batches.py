@@ -29,7 +29,6 @@ Run: python examples/small_batches.py [--quick] [--seeds 3] [--epochs 12]
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from typing import NamedTuple
 
