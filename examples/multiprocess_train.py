@@ -203,8 +203,12 @@ def optimizer_of(config: Config):
   return optax.sgd(config.learning_rate, momentum=0.9)
 
 
+@functools.cache
 def train_reference(config: Config, dataset: str) -> dict[str, Any]:
-  """Trains on one device, on the valid rows of each global batch concatenated, without masks."""
+  """Trains on one device, on the valid rows of each global batch concatenated, without masks.
+
+  Deterministic, so computed once per configuration (the comparison and the tests share it).
+  """
   import jax
   import jax.numpy as jnp
   data = global_batches(config, dataset)
@@ -295,7 +299,7 @@ STATS_FIELDS = ("count", "mean", "var", "std", "min", "max", "median", "q25", "q
                 "quantile_error")
 
 
-def dataset(config: Config) -> np.ndarray:
+def stats_dataset(config: Config) -> tuple[np.ndarray, np.ndarray]:
   """A dataset of 3 channels far from zero, and where each process's part of it ends.
 
   Process ``p`` holds a share proportional to ``p + 1``: the parts are unequal.
@@ -321,7 +325,7 @@ def dataset_statistics(config: Config, mesh, process_id: int) -> dict[str, np.nd
   from jax.sharding import PartitionSpec as P
 
   import jaxnorm
-  data, ends = dataset(config)
+  data, ends = stats_dataset(config)
   start = 0 if process_id == 0 else ends[process_id - 1]
   mine = data[start:ends[process_id]]
   fitted = jaxnorm.fit_stats([mine[i:i + 100] for i in range(0, len(mine), 100)])
@@ -427,8 +431,8 @@ def worker_command(args: argparse.Namespace, process_id: int, coordinator: str) 
   """The command line that starts worker ``process_id`` of the job ``args`` describes."""
   command = [sys.executable, "-u", str(Path(__file__).resolve()), "--process-id", str(process_id),
              "--coordinator", coordinator, "--out", str(args.out)]
-  for name in ("axis_type", "num_processes", "devices_per_process", "rows_per_device", "steps", "hidden",
-               "seed", "init_timeout", "heartbeat_timeout", "timing_steps"):
+  for name in ("axis_type", "num_processes", "devices_per_process", "rows_per_device", "steps",
+               "hidden", "seed", "init_timeout", "heartbeat_timeout", "timing_steps"):
     command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
   command += ["--learning-rate", repr(args.learning_rate)]
   command += ["--variants", *args.variants, "--datasets", *args.datasets]
@@ -439,23 +443,23 @@ def worker_command(args: argparse.Namespace, process_id: int, coordinator: str) 
   return command
 
 
-def start_workers(args: argparse.Namespace, *, log_dir: Path,
+def start_workers(args: argparse.Namespace, *, log_dir: Path, started: list[subprocess.Popen],
                   only: Sequence[int] | None = None) -> list[subprocess.Popen]:
   """Starts the workers of the job on a fresh loopback port; their output goes to log files.
 
-  ``only``: start just these process ids (the others never join: the failure path).
+  Each handle is appended to ``started`` as soon as its process exists, so that the caller can
+  end it even if starting a later one fails. ``only``: start just these process ids (the others
+  never join: the failure path).
   """
   coordinator = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.pop("XLA_FLAGS", None)  # each worker sets its own device count
   env.pop("JAX_NUM_CPU_DEVICES", None)
-  procs = []
   for process_id in range(args.num_processes) if only is None else only:
-    log = open(log_dir / f"worker{process_id}.log", "w")
-    procs.append(subprocess.Popen(worker_command(args, process_id, coordinator), env=env,
-                                  stdout=log, stderr=subprocess.STDOUT))
-    log.close()
-  return procs
+    with open(log_dir / f"worker{process_id}.log", "w") as log:
+      started.append(subprocess.Popen(worker_command(args, process_id, coordinator), env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+  return started
 
 
 def wait_workers(procs: Sequence[subprocess.Popen], timeout: float) -> list[int | None]:
@@ -483,12 +487,18 @@ def stop_workers(procs: Sequence[subprocess.Popen]) -> None:
       proc.wait(timeout=5)
 
 
-def run_job(args: argparse.Namespace) -> list[int | None]:
-  """Starts the workers, waits for them (bounded), and always ends them."""
+def run_job(args: argparse.Namespace,
+            started: list[subprocess.Popen] | None = None) -> list[int | None]:
+  """Starts the workers, waits for them (bounded), and always ends them.
+
+  ``started``: a list that receives the workers' handles as they start (for a caller that
+  ends them itself too).
+  """
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  procs = start_workers(args, log_dir=out)
+  procs = [] if started is None else started
   try:
+    start_workers(args, log_dir=out, started=procs)
     codes = wait_workers(procs, args.job_timeout)
   finally:
     stop_workers(procs)
@@ -587,7 +597,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *,
+         started: list[subprocess.Popen] | None = None) -> int:
+  """Runs the job (or, with ``--process-id``, one worker of it); 0 if it matched the reference.
+
+  ``started`` receives the handles of the workers as they start.
+  """
   args = parse_args(argv)
   if args.process_id is not None:
     return run_worker(args)
@@ -596,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = tempfile.mkdtemp(prefix="jaxnorm-multiprocess-")
   print(f"{args.num_processes} processes x {args.devices_per_process} host devices, "
         f"{args.rows_per_device} rows per device, {args.steps} steps; results in {args.out}")
-  codes = run_job(args)
+  codes = run_job(args, started)
   if any(code != 0 for code in codes):
     for process_id in range(args.num_processes):
       log = (Path(args.out) / f"worker{process_id}.log").read_text()

@@ -64,7 +64,7 @@ def run_workers(args, *, timeout: float, start: range | None = None) -> tuple[li
   out.mkdir(parents=True, exist_ok=True)
   procs: list[subprocess.Popen] = []
   try:
-    procs = example.start_workers(args, log_dir=out, only=start)
+    example.start_workers(args, log_dir=out, started=procs, only=start)
     codes = example.wait_workers(procs, timeout)
   finally:
     example.stop_workers(procs)
@@ -74,10 +74,22 @@ def run_workers(args, *, timeout: float, start: range | None = None) -> tuple[li
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-  """The example's quick job: 2 processes x 2 devices, both variants, both datasets."""
-  args = example.parse_args(["--quick", "--out", str(tmp_path_factory.mktemp("job"))])
-  codes, logs = run_workers(args, timeout=JOB_TIMEOUT)
-  assert codes == [0] * args.num_processes, logs
+  """The example in quick mode: 2 processes x 2 devices, both variants, both datasets.
+
+  The example starts the workers, compares them with one process itself (exit code 0 when they
+  match) and ends them; this test ends any left, by their process ids.
+  """
+  argv = ["--quick", "--out", str(tmp_path_factory.mktemp("job")),
+          "--job-timeout", str(JOB_TIMEOUT)]
+  args = example.parse_args(argv)
+  procs: list[subprocess.Popen] = []
+  try:
+    code = example.main(argv, started=procs)
+  finally:
+    example.stop_workers(procs)
+  assert len(procs) == args.num_processes
+  assert all(proc.poll() is not None for proc in procs), [proc.pid for proc in procs]
+  assert code == 0, worker_logs(pathlib.Path(args.out), args.num_processes)
   return args
 
 
@@ -155,7 +167,7 @@ def test_fit_stats_merged_across_processes_equal_fit_stats_of_all_the_data(job):
   """Each process fits its own (unequal) part; the merge equals one fit over everything."""
   import jaxnorm
   config = example.config_of(job)
-  data, ends = example.dataset(config)
+  data, ends = example.stats_dataset(config)
   assert len(set(np.diff(np.concatenate([[0], ends])))) == job.num_processes  # unequal parts
   together = jaxnorm.fit_stats([data[i:i + 100] for i in range(0, len(data), 100)])
   exact = data.astype(np.float64)
@@ -180,7 +192,7 @@ def test_fit_stats_merged_across_processes_equal_fit_stats_of_all_the_data(job):
 
 def test_device_stats_over_every_process_equal_float64_reference(job):
   config = example.config_of(job)
-  exact = example.dataset(config)[0].astype(np.float64)
+  exact = example.stats_dataset(config)[0].astype(np.float64)
   merged = dict(np.load(pathlib.Path(job.out) / "dataset-stats-process0.npz"))
   np.testing.assert_array_equal(merged["device_count"], [len(exact)] * 3)
   np.testing.assert_allclose(merged["device_mean"], exact.mean(0), rtol=1e-7)
