@@ -61,7 +61,13 @@ class Moments(NamedTuple):
 
   def standardize(self, xf: Array, epsilon: float) -> Array:
     """``(x - mean) / sqrt(var + epsilon)``, computed in the shifted frame."""
-    return ((xf - self.shift) - self.mean) * lax.rsqrt(self.var + epsilon)
+    # In the frame of the rounded mean m = K + mean: x - m is exact for x near m (Sterbenz), and
+    # (K - m) + mean is the small part of the mean that rounding left out. Same accuracy as
+    # (x - K) - mean, but it shares no full-size ``x - K`` with the sums, so XLA fuses the sums
+    # and this output into passes over x instead of writing ``x - K`` to memory.
+    rounded_mean = self.shift + self.mean
+    residual = (self.shift - rounded_mean) + self.mean
+    return ((xf - rounded_mean) - residual) * lax.rsqrt(self.var + epsilon)
 
 
 def _safe_divide(numerator: Array, count: Array) -> Array:
@@ -113,11 +119,16 @@ def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -
     shift = _shift(xf, axes, None, None)
     count = jnp.full(shift.shape, size, xf.dtype)
     centred = xf - shift
+    # The same values as ``centred``, spelled differently: XLA would otherwise share one
+    # ``x - shift`` between the two sums and write it to memory (4N bytes moved instead of 2N).
+    # Spelled apart, each sum fuses its own subtraction and reads x once, like E[x²] − E[x]².
+    centred_again = xf + (-shift)
   else:
     count = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True, dtype=xf.dtype)
     shift = _shift(xf, axes, where, count)
     centred = jnp.where(where, xf - shift, 0)
-  total = jnp.sum(centred, axis=axes, keepdims=True)
+    centred_again = jnp.where(where, xf + (-shift), 0)
+  total = jnp.sum(centred_again, axis=axes, keepdims=True)
   total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
   mean = _safe_divide(total, count)
   var = jnp.maximum(_safe_divide(total_sq, count) - mean * mean, 0)
