@@ -123,9 +123,10 @@ class Stats:
 
   def update(self, batch: ArrayLike) -> Stats:
     """Returns the statistics of the data seen so far and ``batch`` (like ``partial_fit``)."""
-    return self.merge(stats_of_batch(batch, channel_axis=self.channel_axis,
-                                  ignore_nan=self.ignore_nan,
-                                  bins=None if self.histogram is None else self._bins()))
+    x = channels_last(np.asarray(batch), self.channel_axis)
+    partial = _add_batch(_partial_of(self), x, ignore_nan=self.ignore_nan,
+                         bins=None if self.histogram is None else self._bins())
+    return _finish(partial, self.channel_axis, self.ignore_nan)
 
   def merge(self, other: Stats) -> Stats:
     """Statistics of the data of ``self`` and ``other`` together (Chan's parallel formulas)."""
@@ -191,12 +192,6 @@ def channels_last(x: ArrayLike, channel_axis: int | None) -> np.ndarray | Array:
   return x.reshape(-1, x.shape[-1])
 
 
-def _empty_moments(channels: int):
-  count = np.zeros(channels, np.int64)
-  zeros = np.zeros(channels, np.float64)
-  return count, zeros, zeros.copy(), np.full(channels, np.inf), np.full(channels, -np.inf)
-
-
 def _check_values(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, ignore_nan: bool) -> None:
   """Raises on infinities, and on NaNs unless they are ignored (min and max reveal both)."""
   if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
@@ -215,8 +210,45 @@ def _check_values(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, ignore_nan: boo
         f"replace or drop infinities before fitting statistics")
 
 
-def _value_histogram_moments(x: np.ndarray, bins: int | None):
-  """Exact moments and histogram of a uint8, int8 or bool matrix, from counts of its values."""
+class _Partial(NamedTuple):
+  """Running statistics: count, mean, sum of squared deviations, extremes, histogram."""
+  count: np.ndarray
+  mean: np.ndarray
+  m2: np.ndarray
+  lo: np.ndarray
+  hi: np.ndarray
+  histogram: Histogram | None
+
+
+def _empty_partial(channels: int, bins: int | None) -> _Partial:
+  histogram = None
+  if bins is not None:
+    histogram = Histogram(np.full(channels, _EMPTY_EXPONENT, np.int64),
+                          np.zeros(channels, np.int64), np.zeros((channels, bins), np.int64),
+                          np.full(channels, _EMPTY_GRAIN, np.int64))
+  zeros = np.zeros(channels, np.float64)
+  return _Partial(np.zeros(channels, np.int64), zeros, zeros.copy(), np.full(channels, np.inf),
+                  np.full(channels, -np.inf), histogram)
+
+
+def _partial_of(stats: Stats) -> _Partial:
+  count = np.asarray(stats.count, np.float64).astype(np.int64)
+  return _Partial(count, np.asarray(stats.mean, np.float64),
+                  np.asarray(stats.var, np.float64) * count, np.asarray(stats.min, np.float64),
+                  np.asarray(stats.max, np.float64), stats.histogram)
+
+
+def _merge_moments(a: _Partial, count, mean, m2):
+  """Chan's parallel formulas: the count, mean and m2 of two parts together."""
+  total = a.count + count
+  safe = np.maximum(total, 1)
+  delta = mean - a.mean
+  return (total, a.mean + delta * (count / safe),
+          a.m2 + m2 + np.square(delta) * (a.count * (count / safe)))
+
+
+def _value_histogram_moments(x: np.ndarray):
+  """Exact moments and value counts of a uint8, int8 or bool matrix (one pass, a bincount)."""
   channels = x.shape[1]
   first = -128 if x.dtype == np.int8 else 0
   size = 256 if x.dtype != np.bool_ else 2
@@ -233,20 +265,21 @@ def _value_histogram_moments(x: np.ndarray, bins: int | None):
   seen = counts > 0
   lo = np.where(count > 0, values[np.argmax(seen, 1)], np.inf)
   hi = np.where(count > 0, values[size - 1 - np.argmax(seen[:, ::-1], 1)], -np.inf)
-  histogram = None
-  if bins is not None:
-    value_grid = Histogram(np.zeros(channels, np.int64), np.full(channels, first, np.int64),
-                           counts.astype(np.int64), np.zeros(channels, np.int64))
-    histogram = _rebin(value_grid, *_grid_for(lo, hi, bins, value_grid.grain), bins)
-  return count.astype(np.int64), mean, m2, lo, hi, histogram
+  value_grid = Histogram(np.zeros(channels, np.int64), np.full(channels, first, np.int64),
+                         counts.astype(np.int64), np.zeros(channels, np.int64))
+  return count.astype(np.int64), mean, m2, lo, hi, value_grid
 
 
 def _grid_for(lo: np.ndarray, hi: np.ndarray, bins: int, grain: np.ndarray,
-              exponent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """The smallest power-of-two width (at least 2**exponent) whose grid covers [lo, hi] in bins.
+              current: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """The grid ``(exponent, start)`` of ``bins`` bins for values in ``[lo, hi]``.
 
-  No finer than ``2**grain`` (bins that fine would stay empty), nor than the data's magnitude
-  allows with exact float64 bin indices.
+  The width ``2**exponent`` is the smallest power of two (and no finer than the ``current``
+  grid's) whose bins cover ``[lo, hi]``, no finer than ``2**grain`` (bins that fine would stay
+  empty) nor than the data's magnitude allows with exact float64 bin indices. The window keeps
+  the ``current`` start where it still covers the values, and is centred on them otherwise, so
+  that a running histogram is moved only now and then.
   """
   empty = ~(lo <= hi)
   lo = np.where(empty, 0.0, lo)
@@ -258,42 +291,66 @@ def _grid_for(lo: np.ndarray, hi: np.ndarray, bins: int, grain: np.ndarray,
   floor = np.ceil(magnitude) - _INDEX_BITS
   floor = np.maximum(floor, grain)
   exp = np.maximum(np.where(spread > 0, guess - 1, floor), floor).astype(np.int64)
-  if exponent is not None:
-    exp = np.maximum(exp, exponent)
+  if current is not None:
+    exp = np.maximum(exp, current[0])
   while True:
     first = np.floor(np.ldexp(lo, -exp))
-    span = np.floor(np.ldexp(hi, -exp)) - first
-    too_wide = span > bins - 1
+    last = np.floor(np.ldexp(hi, -exp))
+    too_wide = last - first > bins - 1
     if not np.any(too_wide):
-      return exp, first.astype(np.int64)
+      break
     exp = exp + too_wide
+  start = (first - (bins - 1 - (last - first)) // 2).astype(np.int64)
+  if current is not None:
+    keep = (exp == current[0]) & (first >= current[1]) & (last < current[1] + bins)
+    start = np.where(keep, current[1], start)
+  return exp, start
 
 
 def _rebin(histogram: Histogram, exponent: np.ndarray, start: np.ndarray, bins: int) -> Histogram:
-  """The same counts on a coarser (or equal) aligned grid."""
-  channels, old_bins = histogram.counts.shape
-  shift = exponent - histogram.exponent
-  index = (histogram.start[:, None] + np.arange(old_bins)) >> shift[:, None]
-  index = index - start[:, None]
-  keep = histogram.counts > 0
-  if np.any((index[keep] < 0) | (index[keep] >= bins)):
-    raise AssertionError("histogram grid does not cover the data")  # unreachable by design
-  flat = (index + np.arange(channels)[:, None] * bins)[keep]
-  counts = np.bincount(flat, weights=histogram.counts[keep], minlength=channels * bins)
-  return Histogram(exponent, start, counts.astype(np.int64).reshape(channels, bins),
-                   histogram.grain)
+  """The same counts on a coarser (or equal) aligned grid of ``bins`` bins.
+
+  Only the channels whose grid changes are moved; the others keep their counts.
+  """
+  old_bins = histogram.counts.shape[1]
+  if old_bins == bins:
+    changed = np.flatnonzero((exponent != histogram.exponent) | (start != histogram.start))
+    if not len(changed):
+      return histogram
+    counts = histogram.counts.copy()
+  else:
+    changed = np.arange(len(exponent))
+    counts = np.zeros((len(exponent), bins), np.int64)
+  moved = histogram.counts[changed]
+  keep = moved > 0
+  if keep.any():
+    shift = exponent[changed] - histogram.exponent[changed]
+    index = (histogram.start[changed, None] + np.arange(old_bins)) >> shift[:, None]
+    index = index - start[changed, None]
+    if np.any((index[keep] < 0) | (index[keep] >= bins)):
+      raise AssertionError("histogram grid does not cover the data")  # unreachable by design
+    flat = (index + np.arange(len(changed))[:, None] * bins)[keep]
+    moved = np.bincount(flat, weights=moved[keep], minlength=len(changed) * bins)
+    counts[changed] = moved.reshape(len(changed), bins).astype(np.int64)
+  else:
+    counts[changed] = 0
+  return Histogram(exponent, start, counts, histogram.grain)
 
 
-def _float_histogram(x: np.ndarray, valid: np.ndarray | None, lo, hi, bins: int,
-                     grain: np.ndarray) -> Histogram:
-  """Histogram of a float (or wide integer) batch, and the grain of its values.
+def _bin(x: np.ndarray, xf: np.ndarray, valid: np.ndarray | None, exponent: np.ndarray,
+         start: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+  """Counts of a batch on the grid ``(exponent, start)``, and the grain of its values.
 
   Where every value of a channel is a bin edge ``k * 2**exponent``, the grain is ``exponent``
-  plus the trailing zero bits common to every ``k`` (those of their bitwise OR).
+  plus the trailing zero bits common to every ``k`` (those of their bitwise OR). Scaling by a
+  power of two and flooring are exact, in float32 for float32 data where the factor fits.
   """
-  exponent, start = _grid_for(lo, hi, bins, grain)
   channels = x.shape[1]
-  scaled = np.ldexp(x, -exponent[None, :])
+  work = xf
+  if x.dtype == np.float32 and np.all((exponent <= 0) & (exponent >= -126)):
+    work = x
+  factor = np.ldexp(1.0, np.clip(-exponent, -1074, 1023))  # clipped only for empty channels
+  scaled = work * factor.astype(work.dtype)
   index = np.floor(scaled)
   on_edges = index == scaled
   del scaled
@@ -303,13 +360,13 @@ def _float_histogram(x: np.ndarray, valid: np.ndarray | None, lo, hi, bins: int,
   index = index.astype(np.int64)
   common = np.bitwise_or.reduce(index, axis=0)
   lowest_bit = np.frexp((common & -common).astype(np.float64))[1] - 1
-  batch_grain = np.where(common == 0, _EMPTY_GRAIN, exponent + lowest_bit)
-  grain = np.where(np.all(on_edges, axis=0), np.maximum(batch_grain, grain), grain)
+  grain = np.where(common == 0, _EMPTY_GRAIN, exponent + lowest_bit)
+  grain = np.where(np.all(on_edges, axis=0), grain, UNKNOWN_GRAIN)
   index -= start[None, :] - np.arange(channels, dtype=np.int64)[None, :] * bins
   if valid is not None:
     index = index[valid]
   counts = np.bincount(index.ravel(), minlength=channels * bins)
-  return Histogram(exponent, start, counts.reshape(channels, bins).astype(np.int64), grain)
+  return counts.reshape(channels, bins).astype(np.int64, copy=False), grain
 
 
 def _known_grain(dtype: np.dtype, channels: int) -> np.ndarray:
@@ -317,54 +374,82 @@ def _known_grain(dtype: np.dtype, channels: int) -> np.ndarray:
   return np.full(channels, 0 if dtype.kind in "biu" else UNKNOWN_GRAIN, np.int64)
 
 
-def stats_of_batch(batch: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: bool = False,
-                bins: int | None = DEFAULT_BINS) -> Stats:
-  """Exact statistics of one batch (float64 on the host); ``bins=None`` skips the quantiles."""
-  x = channels_last(np.asarray(batch), channel_axis)
+def _grid_floor(*grains: np.ndarray) -> np.ndarray:
+  grain = functools.reduce(np.minimum, grains)
+  return np.where(grain == _EMPTY_GRAIN, UNKNOWN_GRAIN, grain)
+
+
+def _add_batch(acc: _Partial | None, x: np.ndarray, *, ignore_nan: bool,
+               bins: int | None) -> _Partial:
+  """The running statistics with one more batch ``x`` of shape (values, channels).
+
+  The batch is binned directly on the running grid, widened first where its values need it.
+  """
   if x.dtype.kind not in "biuf":
     raise TypeError(f"fit_stats expects real numbers, got a batch of dtype {x.dtype}")
   channels = x.shape[1]
+  if acc is None:
+    acc = _empty_partial(channels, bins)
+  elif acc.count.shape[0] != channels:
+    raise ValueError(
+        f"cannot merge statistics of {acc.count.shape[0]} and {channels} channels; every batch "
+        f"must have the same number of channels along channel_axis")
   if x.shape[0] == 0:
-    count, mean, m2, lo, hi = _empty_moments(channels)
-    histogram = None
-    if bins is not None:
-      histogram = Histogram(np.full(channels, _EMPTY_EXPONENT, np.int64),
-                            np.zeros(channels, np.int64), np.zeros((channels, bins), np.int64),
-                            np.full(channels, _EMPTY_GRAIN, np.int64))
-  elif x.dtype in _SMALL_INTEGER_DTYPES:
-    count, mean, m2, lo, hi, histogram = _value_histogram_moments(x, bins)
+    return acc
+  value_counts = xf = valid = None
+  if x.dtype in _SMALL_INTEGER_DTYPES:
+    count, mean, m2, lo, hi, value_counts = _value_histogram_moments(x)
   else:
     with np.errstate(invalid="ignore"):
       lo = np.min(x, axis=0).astype(np.float64)
       hi = np.max(x, axis=0).astype(np.float64)
     _check_values(x, lo, hi, ignore_nan)
     xf = x.astype(np.float64)
-    valid = None
     if np.any(np.isnan(lo)):  # only with ignore_nan: NaNs are skipped
       valid = ~np.isnan(xf)
       lo = np.min(np.where(valid, xf, np.inf), axis=0)
       hi = np.max(np.where(valid, xf, -np.inf), axis=0)
-    histogram = None if bins is None else _float_histogram(
-        xf, valid, lo, hi, bins, _known_grain(x.dtype, channels))
+  lo, hi = np.minimum(acc.lo, lo), np.maximum(acc.hi, hi)
+  histogram = None
+  if acc.histogram is not None:
+    running = acc.histogram
+    exponent, start = _grid_for(lo, hi, running.counts.shape[1],
+                                _grid_floor(running.grain, _known_grain(x.dtype, channels)),
+                                (running.exponent, running.start))
+    running = _rebin(running, exponent, start, running.counts.shape[1])
+    if value_counts is not None:
+      batch = _rebin(value_counts, exponent, start, running.counts.shape[1])
+      counts, grain = batch.counts.copy(), batch.grain
+    else:
+      counts, grain = _bin(x, xf, valid, exponent, start, running.counts.shape[1])
+    counts += running.counts  # counts is this batch's own array
+    histogram = Histogram(exponent, start, counts, np.minimum(running.grain, grain))
+  if xf is not None:
     if valid is None:
       count = np.full(channels, x.shape[0], np.int64)
       mean = np.sum(xf, axis=0) / x.shape[0]
       xf -= mean
-      np.square(xf, out=xf)
-      m2 = np.sum(xf, axis=0)
     else:
       count = valid.sum(0).astype(np.int64)
       xf[~valid] = 0
       mean = np.sum(xf, axis=0) / np.maximum(count, 1)
       xf -= mean
       xf[~valid] = 0
-      np.square(xf, out=xf)
-      m2 = np.sum(xf, axis=0)
-  return _finish(count, mean, m2, lo, hi, histogram, channel_axis, ignore_nan)
+    np.square(xf, out=xf)
+    m2 = np.sum(xf, axis=0)
+  return _Partial(*_merge_moments(acc, count, mean, m2), lo, hi, histogram)
 
 
-def _finish(count, mean, m2, lo, hi, histogram, channel_axis, ignore_nan) -> Stats:
+def stats_of_batch(batch: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: bool = False,
+                   bins: int | None = DEFAULT_BINS) -> Stats:
+  """Exact statistics of one batch (float64 on the host); ``bins=None`` skips the quantiles."""
+  x = channels_last(np.asarray(batch), channel_axis)
+  return _finish(_add_batch(None, x, ignore_nan=ignore_nan, bins=bins), channel_axis, ignore_nan)
+
+
+def _finish(partial: _Partial, channel_axis, ignore_nan) -> Stats:
   """Stats from count, mean and the sum of squared deviations; quantiles from the histogram."""
+  count, mean, m2, lo, hi, histogram = partial
   var = m2 / np.maximum(count, 1)
   quantile_values = [None, None, None]
   error = None
@@ -418,31 +503,23 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
     raise ValueError(
         f"cannot merge statistics fitted with channel_axis={a.channel_axis} and "
         f"channel_axis={b.channel_axis}; fit both with the same channel_axis")
-  na, nb = np.asarray(a.count, np.int64), np.asarray(b.count, np.int64)
-  count = na + nb
-  safe = np.maximum(count, 1)
-  mean_a, mean_b = np.asarray(a.mean, np.float64), np.asarray(b.mean, np.float64)
-  delta = mean_b - mean_a
-  mean = mean_a + delta * (nb / safe)
-  m2 = (np.asarray(a.var, np.float64) * na + np.asarray(b.var, np.float64) * nb
-        + np.square(delta) * (na * (nb / safe)))
-  lo = np.minimum(a.min, b.min).astype(np.float64)
-  hi = np.maximum(a.max, b.max).astype(np.float64)
+  pa, pb = _partial_of(a), _partial_of(b)
+  lo, hi = np.minimum(pa.lo, pb.lo), np.maximum(pa.hi, pb.hi)
   histogram = None
-  if a.histogram is not None and b.histogram is not None:
+  if pa.histogram is not None and pb.histogram is not None:
     bins = a._bins()
     if b._bins() != bins:
       raise ValueError(f"cannot merge histograms of {bins} and {b._bins()} bins; fit with the "
                        f"same bins")
-    grain = np.minimum(a.histogram.grain, b.histogram.grain)
-    exponent, start = _grid_for(lo, hi, bins, np.where(grain == _EMPTY_GRAIN, UNKNOWN_GRAIN,
-                                                       grain),
-                                np.maximum(a.histogram.exponent, b.histogram.exponent))
-    ha = _rebin(a.histogram._replace(grain=grain), exponent, start, bins)
-    hb = _rebin(b.histogram, exponent, start, bins)
-    histogram = ha._replace(counts=ha.counts + hb.counts)
-  return _finish(count, mean, m2, lo, hi, histogram, a.channel_axis,
-                 a.ignore_nan or b.ignore_nan)
+    ha, hb = pa.histogram, pb.histogram
+    larger = ha if np.sum(pa.count) >= np.sum(pb.count) else hb  # move the smaller one
+    exponent, start = _grid_for(lo, hi, bins, _grid_floor(ha.grain, hb.grain),
+                                (np.maximum(ha.exponent, hb.exponent), larger.start))
+    ha, hb = _rebin(ha, exponent, start, bins), _rebin(hb, exponent, start, bins)
+    histogram = Histogram(exponent, start, ha.counts + hb.counts,
+                          np.minimum(ha.grain, hb.grain))
+  merged = _Partial(*_merge_moments(pa, pb.count, pb.mean, pb.m2), lo, hi, histogram)
+  return _finish(merged, a.channel_axis, a.ignore_nan or b.ignore_nan)
 
 
 def fit_stats(batches: Iterable[ArrayLike] | ArrayLike, *, channel_axis: int | None = -1,
@@ -495,16 +572,16 @@ def fit_stats(batches: Iterable[ArrayLike] | ArrayLike, *, channel_axis: int | N
   if progress:
     from tqdm.auto import tqdm
     iterator = tqdm(iterator, total=total, unit="batch", desc="fit_stats")
-  result = None
+  partial = None
   for number, batch in enumerate(iterator):
     try:
-      part = stats_of_batch(batch, channel_axis=channel_axis, ignore_nan=ignore_nan,
-                         bins=bins if quantiles else None)
-      result = part if result is None else merge_stats(result, part)
+      x = channels_last(np.asarray(batch), channel_axis)
+      partial = _add_batch(partial, x, ignore_nan=ignore_nan, bins=bins if quantiles else None)
     except ValueError as error:
       raise ValueError(f"batch {number} of shape {np.shape(batch)}: {error}") from None
-  if result is None:
+  if partial is None:
     raise ValueError("fit_stats got no batch; give an iterable of arrays, or one array")
+  result = _finish(partial, channel_axis, ignore_nan)
   empty = np.flatnonzero(result.count == 0).tolist()
   if empty:
     raise ValueError(
@@ -583,7 +660,7 @@ def _unpack(buffer: np.ndarray, like: Stats) -> Stats:
     histogram = Histogram(exponent.astype(np.int64), start.astype(np.int64),
                           np.ascontiguousarray(rows[8:].T).astype(np.int64),
                           grain.astype(np.int64))
-  return _finish(count.astype(np.int64), mean, var * count, lo, hi, histogram,
+  return _finish(_Partial(count.astype(np.int64), mean, var * count, lo, hi, histogram),
                  like.channel_axis, like.ignore_nan)
 
 
