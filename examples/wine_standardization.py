@@ -5,7 +5,8 @@ optax (SGD with momentum, full batch) on the raw features, and with a ``jaxnorm.
 first layer holding the exact training-set statistics from ``jaxnorm.fit_stats``. Over a grid
 of learning rates, the script reports the steps each needs to reach a target test accuracy, and
 the largest learning rate at which training stays stable (finite loss, never above twice its
-initial value, ending below it). Every learning rate trains at once, under ``jax.vmap``, inside one ``lax.scan``.
+initial value, ending below it). Every learning rate trains at once, under ``jax.vmap``,
+inside one ``lax.scan``.
 
 Run: python examples/wine_standardization.py [--quick]
 """
@@ -81,7 +82,7 @@ def train_curves(model: MLP, data: dict[str, np.ndarray], learning_rates: np.nda
 
 
 def summarize(losses: np.ndarray, accuracies: np.ndarray, target: float):
-  """Per learning rate: steps to reach ``target`` (None if never), final accuracy and loss, stability.
+  """Per learning rate: steps to reach ``target`` (None if never), final accuracy, stability.
 
   A run is stable where its training loss stays finite, never rises above twice its initial
   value, and ends below it (a diverging run, or one whose units die in an early blow-up and

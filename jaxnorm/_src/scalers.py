@@ -243,9 +243,9 @@ def imagenet_standardize(x: ArrayLike, *, max_value: float = 255.0, channel_axis
                          dtype: Any = None) -> Array:
   """Standardizes RGB pixels in ``[0, max_value]`` with the ImageNet mean and std.
 
-  .. math:: y = (x / \\mathrm{max\\_value} - \\mu_{\\mathrm{ImageNet}}) / \\sigma_{\\mathrm{ImageNet}}
+  .. math:: y = (x / m - \\mu) / \\sigma
 
-  with :math:`\\mu = (0.485, 0.456, 0.406)` and :math:`\\sigma = (0.229, 0.224, 0.225)`, as
+  with :math:`m` = ``max_value``, :math:`\\mu = (0.485, 0.456, 0.406)` and :math:`\\sigma = (0.229, 0.224, 0.225)`, as
   torchvision and timm use them.
 
   Example:
