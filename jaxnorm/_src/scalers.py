@@ -245,8 +245,8 @@ def imagenet_standardize(x: ArrayLike, *, max_value: float = 255.0, channel_axis
 
   .. math:: y = (x / m - \\mu) / \\sigma
 
-  with :math:`m` = ``max_value``, :math:`\\mu = (0.485, 0.456, 0.406)` and :math:`\\sigma = (0.229, 0.224, 0.225)`, as
-  torchvision and timm use them.
+  with :math:`m` = ``max_value``, :math:`\\mu = (0.485, 0.456, 0.406)` and
+  :math:`\\sigma = (0.229, 0.224, 0.225)`, as torchvision and timm use them.
 
   Example:
     >>> import numpy as np, jaxnorm
