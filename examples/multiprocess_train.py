@@ -10,7 +10,9 @@ global batch, and trains a small Flax model with ``jaxnorm.linen.BatchNorm`` twi
 - ``shard_map``: ``BatchNorm(axis_name="batch")`` inside ``jax.shard_map``; each layer pools
   the count, mean and variance of every device with one all-gather.
 - ``jit``: the same model without ``axis_name``, under ``jax.jit`` on global arrays sharded
-  over a ``Mesh`` of every process's devices; XLA inserts the collectives.
+  over a ``Mesh`` of every process's devices. On an Explicit mesh (``jax.make_mesh``'s
+  default) each layer pools its shards' statistics with one all-gather too; with
+  ``--axis-type auto`` XLA's partitioner reduces over the shards itself.
 
 Each runs twice: on full batches, and on padded batches with masks, where the processes hold
 unequal numbers of valid rows and one process's rows are all masked out at some steps. After
@@ -43,7 +45,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm
+import jaxnorm.linen as jnn
 
 AXIS = "batch"
 VARIANTS = ("shard_map", "jit")
@@ -78,7 +88,6 @@ class Net(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
-    import jaxnorm.linen as jnn
     norm = functools.partial(jnn.BatchNorm, use_running_average=not train, momentum=0.9,
                              axis_name=self.axis_name)
     x = norm()(x, mask=mask)
@@ -131,8 +140,7 @@ def process_rows(config: Config, process_id: int) -> slice:
 # Training: one step function, two ways of spreading it over devices.
 
 def masked_mse(pred, y, weight):
-  """Mean squared error over the rows with weight 1 (0 where there are none)."""
-  import jax.numpy as jnp
+  """The sum of squared errors over the rows of weight 1, and how many rows that is."""
   total = jnp.sum(weight[:, None] * jnp.square(pred - y))
   return total, jnp.sum(weight)
 
@@ -144,9 +152,6 @@ def make_loss(config: Config, variant: str, mesh, masked: bool):
   (possibly sharded) arrays. ``shard_map``: the model with ``axis_name``, run on each device's
   rows, the loss summed over devices with ``psum``.
   """
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import PartitionSpec as P
 
   def apply(model, params, batch_stats, x, y, weight):
     mask = weight[:, None] > 0 if masked else None
@@ -178,8 +183,6 @@ def make_loss(config: Config, variant: str, mesh, masked: bool):
 
 def make_step(loss_fn, optimizer):
   """A jitted training step: gradients of ``loss_fn``, one optimizer update."""
-  import jax
-  import optax
 
   @jax.jit
   def step(params, batch_stats, opt_state, x, y, weight):
@@ -192,14 +195,12 @@ def make_step(loss_fn, optimizer):
 
 def initial_variables(config: Config) -> dict[str, Any]:
   """The model's variables, the same on every process (host NumPy arrays)."""
-  import jax
   variables = Net(config.hidden).init(jax.random.key(config.seed), np.zeros((2, FEATURES),
                                                                            np.float32), train=False)
   return jax.tree.map(np.asarray, variables)
 
 
 def optimizer_of(config: Config):
-  import optax
   return optax.sgd(config.learning_rate, momentum=0.9)
 
 
@@ -209,8 +210,6 @@ def train_reference(config: Config, dataset: str) -> dict[str, Any]:
 
   Deterministic, so computed once per configuration (the comparison and the tests share it).
   """
-  import jax
-  import jax.numpy as jnp
   data = global_batches(config, dataset)
   variables = initial_variables(config)
   params, batch_stats = variables["params"], variables["batch_stats"]
@@ -235,9 +234,6 @@ def train_distributed(config: Config, variant: str, dataset: str, mesh, process_
   With ``timing_steps``, also times that many further steps (after the first, which compiles)
   and returns the median seconds per step.
   """
-  import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
   data = global_batches(config, dataset)
   rows = process_rows(config, process_id)
   replicated = NamedSharding(mesh, P())
@@ -275,9 +271,6 @@ def train_distributed(config: Config, variant: str, dataset: str, mesh, process_
 
 def time_all_gather(config: Config, mesh, repeats: int) -> float:
   """Median seconds of one all_gather of a norm layer's statistics alone: the collective's cost."""
-  import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
   per_device = np.ones((4, 1, config.hidden), np.float32)  # count, shift, mean, var
   local = np.tile(per_device, (config.devices_per_process, 1, 1))
   stacked = jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local)
@@ -320,11 +313,7 @@ def dataset_statistics(config: Config, mesh, process_id: int) -> dict[str, np.nd
   ``device_*``: ``jaxnorm.device_stats`` under ``jax.shard_map`` on the dataset as one global
   array sharded over every device of every process (one all_gather; float32).
   """
-  import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  import jaxnorm
   data, ends = stats_dataset(config)
   start = 0 if process_id == 0 else ends[process_id - 1]
   mine = data[start:ends[process_id]]
@@ -346,7 +335,6 @@ def dataset_statistics(config: Config, mesh, process_id: int) -> dict[str, np.nd
 
 def configure_host_devices(devices: int) -> None:
   """Gives this process ``devices`` host CPU devices and gloo collectives; call before JAX runs."""
-  import jax
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", devices)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -360,7 +348,6 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *,
   heartbeats for ``heartbeat_timeout_seconds`` (a crash, a lost host) makes every other process
   exit with "The following tasks are unhealthy" instead of hanging in a collective.
   """
-  import jax
   jax.distributed.initialize(
       coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
       initialization_timeout=timeout, heartbeat_timeout_seconds=heartbeat,
@@ -385,8 +372,6 @@ def result_path(out: Path, variant: str, dataset: str, process_id: int) -> Path:
 def run_worker(args: argparse.Namespace) -> int:
   """One process of the job: joins, trains every variant on every dataset, saves the results."""
   configure_host_devices(args.devices_per_process)
-  import jax
-  from jax.sharding import AxisType, Mesh
   if args.num_processes > 1:
     initialize(args.coordinator, args.num_processes, args.process_id,
                timeout=args.init_timeout, heartbeat=args.heartbeat_timeout)
@@ -629,7 +614,26 @@ def main(argv: Sequence[str] | None = None, *,
           f"{row['batch_stats']:12.1e} {row['losses']:9.1e}  {row['finite']}")
     ok &= row["finite"] and max(row["params"], row["batch_stats"], row["losses"]) < 1e-4
   print("equal to single-process training (float32 rounding)" if ok else "MISMATCH")
+  if not args.skip_dataset_stats:
+    ok &= print_dataset_statistics(args)
   return 0 if ok else 1
+
+
+def print_dataset_statistics(args: argparse.Namespace) -> bool:
+  """Prints how far the merged dataset statistics are from one fit over all the data."""
+  data, ends = stats_dataset(config_of(args))
+  together = jaxnorm.fit_stats([data[i:i + 100] for i in range(0, len(data), 100)])
+  print(f"\ndataset statistics: processes fitted {np.diff(ends, prepend=0).tolist()} rows, "
+        f"merged; largest relative difference from fit_stats of all {len(data)} rows")
+  ok = True
+  for process_id in range(args.num_processes):
+    with np.load(Path(args.out) / f"dataset-stats-process{process_id}.npz") as merged:
+      gaps = {name: float(np.max(np.abs(merged[f"fit_{name}"] - getattr(together, name))
+                                 / np.maximum(np.abs(getattr(together, name)), 1e-30)))
+              for name in ("count", "mean", "var", "min", "max", "median")}
+    print(f"process {process_id}: " + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
+    ok &= max(gaps.values()) < 1e-6
+  return ok
 
 
 if __name__ == "__main__":
