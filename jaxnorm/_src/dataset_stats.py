@@ -575,12 +575,16 @@ def fit_stats(batches: Iterable[ArrayLike] | ArrayLike, *, channel_axis: int | N
     from tqdm.auto import tqdm
     iterator = tqdm(iterator, total=total, unit="batch", desc="fit_stats")
   partial = None
-  for number, batch in enumerate(iterator):
-    try:
-      x = channels_last(np.asarray(batch), channel_axis)
-      partial = _add_batch(partial, x, ignore_nan=ignore_nan, bins=bins if quantiles else None)
-    except ValueError as error:
-      raise ValueError(f"batch {number} of shape {np.shape(batch)}: {error}") from None
+  try:
+    for number, batch in enumerate(iterator):
+      try:
+        x = channels_last(np.asarray(batch), channel_axis)
+        partial = _add_batch(partial, x, ignore_nan=ignore_nan, bins=bins if quantiles else None)
+      except ValueError as error:
+        raise ValueError(f"batch {number} of shape {np.shape(batch)}: {error}") from None
+  finally:
+    if progress:
+      iterator.close()  # ends the bar's line, also when a batch fails
   if partial is None:
     raise ValueError("fit_stats got no batch; give an iterable of arrays, or one array")
   result = _finish(partial, channel_axis, ignore_nan)
