@@ -103,6 +103,14 @@ class Stats:
     quantile_error: a bound on the absolute error of each quantile (0 where exact).
     channel_axis: the axis of the input holding the channels (None: one channel for all).
     ignore_nan: whether NaNs were skipped.
+
+  Example:
+    >>> import numpy as np, jaxnorm
+    >>> stats = jaxnorm.fit_stats(np.array([[0, 10], [255, 30]], np.uint8))
+    >>> stats.count, stats.mean, stats.median
+    (array([2, 2]), array([127.5,  20. ]), array([127.5,  20. ]))
+    >>> stats.update(np.array([[1, 20]], np.uint8)).median
+    array([ 1., 20.])
   """
   count: Any
   mean: Any
