@@ -262,7 +262,8 @@ def format_table(stats: dataset_stats.Stats, max_rows: int = TABLE_ROWS) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m jaxnorm",
+  launched_as_module = os.path.basename(sys.argv[0]) == "__main__.py"
+  parser = argparse.ArgumentParser(prog="python -m jaxnorm" if launched_as_module else "jaxnorm",
                                    description="jaxnorm command line tools.")
   commands = parser.add_subparsers(dest="command", required=True)
   stats = commands.add_parser(
