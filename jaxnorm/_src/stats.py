@@ -25,6 +25,7 @@ A device with no valid element has count 0 and contributes nothing.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
@@ -106,6 +107,47 @@ def _shift(xf: Array, axes: tuple[int, ...], where: Array | None, count: Array |
   return lax.stop_gradient(shift)
 
 
+def _sums(xf: Array, shift: Array, where: Array | None, axes: tuple[int, ...]):
+  """Sums of ``x - shift`` and of its square over the valid elements, reduced axes kept."""
+  # The same values, spelled twice: XLA would otherwise share one full-size ``x - shift``
+  # between the two sums and write it to memory (4N bytes moved instead of 2N). Spelled apart,
+  # each sum fuses its own subtraction and reads x once, like E[x^2] - E[x]^2.
+  centred, centred_again = xf - shift, xf + (-shift)
+  if where is not None:
+    centred, centred_again = jnp.where(where, centred, 0), jnp.where(where, centred_again, 0)
+  return (jnp.sum(centred_again, axis=axes, keepdims=True),
+          jnp.sum(centred * centred, axis=axes, keepdims=True))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _shifted_sums(xf: Array, shift: Array, count: Array, where: Array | None,
+                  axes: tuple[int, ...]) -> tuple[Array, Array]:
+  """:func:`_sums`, with a derivative that shares no full-size array with them.
+
+  d(sum of c) = sum of dc and d(sum of c^2) = sum of 2c dc over the valid elements, with
+  c = x - shift computed as (x - m) + (m - shift) around the rounded mean m = shift + sum / count:
+  the same values, but nothing in common with the forward sums, which XLA would otherwise write
+  to memory to share (23N bytes moved instead of 21N for a batch norm training step).
+  ``count`` gets no derivative (it counts the mask).
+  """
+  return _sums(xf, shift, where, axes)
+
+
+@_shifted_sums.defjvp
+def _shifted_sums_jvp(axes, primals, tangents):
+  xf, shift, count, where = primals
+  dx, dshift = tangents[0], tangents[1]
+  total, total_sq = _sums(xf, shift, where, axes)
+  rounded_mean = shift + _safe_divide(total, count)
+  centred = (xf - rounded_mean) + (rounded_mean - shift)
+  dc = dx - dshift
+  if where is not None:
+    dc = jnp.where(where, dc, 0)
+  d_total = jnp.sum(dc, axis=axes, keepdims=True)
+  d_total_sq = jnp.sum(2 * centred * dc, axis=axes, keepdims=True)
+  return (total, total_sq), (d_total, d_total_sq)
+
+
 def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -> Moments:
   """Moments of this device's valid elements of ``x`` over ``axes`` (kept as size 1)."""
   x = jnp.asarray(x)
@@ -118,18 +160,10 @@ def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -
       size *= x.shape[a]
     shift = _shift(xf, axes, None, None)
     count = jnp.full(shift.shape, size, xf.dtype)
-    centred = xf - shift
-    # The same values as ``centred``, spelled differently: XLA would otherwise share one
-    # ``x - shift`` between the two sums and write it to memory (4N bytes moved instead of 2N).
-    # Spelled apart, each sum fuses its own subtraction and reads x once, like E[x²] − E[x]².
-    centred_again = xf + (-shift)
   else:
     count = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True, dtype=xf.dtype)
     shift = _shift(xf, axes, where, count)
-    centred = jnp.where(where, xf - shift, 0)
-    centred_again = jnp.where(where, xf + (-shift), 0)
-  total = jnp.sum(centred_again, axis=axes, keepdims=True)
-  total_sq = jnp.sum(centred * centred, axis=axes, keepdims=True)
+  total, total_sq = _shifted_sums(xf, shift, count, where, axes)
   mean = _safe_divide(total, count)
   var = jnp.maximum(_safe_divide(total_sq, count) - mean * mean, 0)
   return Moments(count, shift, mean, var)
