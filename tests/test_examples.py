@@ -65,3 +65,13 @@ def test_study_training_loop_learns_mnist1d():
     sys.path.remove(str(EXAMPLES))
   assert run.test_accuracy > 0.4  # chance is 0.1
   assert run.curve_loss[-1] < run.curve_loss[0]
+
+
+def test_demo_quick_writes_report_plots_and_results(tmp_path):
+  out = run_example("demo.py", "--quick", "--out", str(tmp_path), timeout=400)
+  assert "Findings:" in out
+  for name in ("report.md", "results.json", "wine_loss.png", "mnist1d_batchnorm.png",
+               "batch_size.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  report = (tmp_path / "report.md").read_text()
+  assert "## 3. Norms against batch size" in report and "![batch size](batch_size.png)" in report
