@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and make:
 #   make demo   creates .venv, installs jaxnorm with the example extras, runs the demo
+#               (report and plots in outputs/demo/)
 #   make test   creates .venv, installs jaxnorm with the test extras, runs the whole suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,13 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(PY) examples/demo.py --out outputs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/speed.py --readme
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/stats_cost.py
+	$(PY) benchmarks/input_stats.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
