@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import jaxnorm.linen as jnn
@@ -277,6 +276,7 @@ class SmallResNet(nn.Module):
 
 
 def test_resnet_checkpoint_from_flax_norms_restores_into_jaxnorm_norms(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
   rng = np.random.default_rng(5)
   images = rng.standard_normal((16, 8, 8, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 16)
