@@ -3,7 +3,9 @@
 Trains the model of ``examples/multiprocess_train.py`` (BatchNorm on the inputs, a hidden layer
 with BatchNorm, a linear output) on a fixed global batch spread over ``processes x devices``
 host CPU devices, under ``jax.shard_map`` with ``axis_name`` and under sharded ``jit`` over an
-Explicit mesh, on full and on masked batches. Two processes talk through ``jax.distributed``
+Explicit mesh, on full and on masked batches; beside it, the same ``shard_map`` step with
+``flax.linen.BatchNorm(axis_name=...)`` (one pmean of per-device means a layer) and with no norm
+at all, and one all_gather of a layer's statistics alone. Two processes talk through ``jax.distributed``
 over loopback with gloo collectives. Each configuration runs in fresh worker processes; the
 figure is the median over the timed steps (after the step that compiles) of the slowest
 process, and the configurations take turns over ``--rounds`` rounds (median of rounds).
@@ -54,7 +56,8 @@ def time_config(example, processes: int, devices: int, args, out: Path) -> dict[
   argv = ["--num-processes", str(processes), "--devices-per-process", str(devices),
           "--rows-per-device", str(args.global_batch // total), "--hidden", str(args.hidden),
           "--steps", "2", "--timing-steps", str(args.steps), "--out", str(out),
-          "--job-timeout", "300", "--skip-dataset-stats"]
+          "--job-timeout", "300", "--skip-dataset-stats",
+          "--peer-norms", "flax", "none"]
   job = example.parse_args(argv)
   codes = example.run_job(job)
   if any(code != 0 for code in codes):
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
         out = Path(tmp) / f"r{round_index}-{processes}x{devices}"
         samples[(processes, devices)].append(time_config(example, processes, devices, args, out))
 
-  keys = [f"{v}-{d}" for v in example.VARIANTS for d in example.DATASETS] + ["all_gather"]
+  keys = ([f"{v}-{d}" for v in example.VARIANTS for d in example.DATASETS]
+          + ["flax:shard_map-full", "none:shard_map-full", "all_gather"])
   print(f"# Synchronized BatchNorm: time per training step (ms), global batch "
         f"{args.global_batch} x {example.FEATURES} features, hidden {args.hidden}, 2 BatchNorm "
         f"layers, SGD; all_gather: one norm layer's statistics gathered alone")

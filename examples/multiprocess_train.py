@@ -82,14 +82,23 @@ class Config(NamedTuple):
 
 
 class Net(nn.Module):
-  """BatchNorm on the inputs, a hidden layer with BatchNorm, and a linear output."""
+  """BatchNorm on the inputs, a hidden layer with BatchNorm, and a linear output.
+
+  ``norm``: ``"jaxnorm"`` (``jaxnorm.linen.BatchNorm``); for timing only, ``"flax"``
+  (``flax.linen.BatchNorm``, a pmean of per-device means) or ``"none"``.
+  """
   hidden: int = 16
   axis_name: str | None = None
+  norm: str = "jaxnorm"
 
   @nn.compact
   def __call__(self, x, *, train: bool, mask=None):
-    norm = functools.partial(jnn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             axis_name=self.axis_name)
+    layer = {"jaxnorm": jnn.BatchNorm, "flax": nn.BatchNorm}.get(self.norm)
+    if layer is None:
+      norm = lambda: lambda x, mask: x  # noqa: E731
+    else:
+      norm = functools.partial(layer, use_running_average=not train, momentum=0.9,
+                               axis_name=self.axis_name)
     x = norm()(x, mask=mask)
     x = nn.Dense(self.hidden)(x)
     x = norm()(x, mask=mask)
@@ -145,7 +154,7 @@ def masked_mse(pred, y, weight):
   return total, jnp.sum(weight)
 
 
-def make_loss(config: Config, variant: str, mesh, masked: bool):
+def make_loss(config: Config, variant: str, mesh, masked: bool, norm: str = "jaxnorm"):
   """loss(params, batch_stats, x, y, weight) -> (loss, new batch_stats), for ``variant``.
 
   ``jit`` (and the single-device reference): the model without ``axis_name``, on whole
@@ -158,10 +167,10 @@ def make_loss(config: Config, variant: str, mesh, masked: bool):
     pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                 mask=mask, mutable=["batch_stats"])
     total, count = masked_mse(pred, y, weight)
-    return total, count, updates["batch_stats"]
+    return total, count, updates.get("batch_stats", {})
 
   if variant == "jit":
-    model = Net(config.hidden)
+    model = Net(config.hidden, norm=norm)
 
     def loss(params, batch_stats, x, y, weight):
       total, count, batch_stats = apply(model, params, batch_stats, x, y, weight)
@@ -170,7 +179,7 @@ def make_loss(config: Config, variant: str, mesh, masked: bool):
 
   if variant != "shard_map":
     raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
-  model = Net(config.hidden, axis_name=AXIS)
+  model = Net(config.hidden, axis_name=AXIS, norm=norm)
 
   def per_device(params, batch_stats, x, y, weight):
     total, count, batch_stats = apply(model, params, batch_stats, x, y, weight)
@@ -193,9 +202,9 @@ def make_step(loss_fn, optimizer):
   return step
 
 
-def initial_variables(config: Config) -> dict[str, Any]:
+def initial_variables(config: Config, norm: str = "jaxnorm") -> dict[str, Any]:
   """The model's variables, the same on every process (host NumPy arrays)."""
-  variables = Net(config.hidden).init(jax.random.key(config.seed), np.zeros((2, FEATURES),
+  variables = Net(config.hidden, norm=norm).init(jax.random.key(config.seed), np.zeros((2, FEATURES),
                                                                            np.float32), train=False)
   return jax.tree.map(np.asarray, variables)
 
@@ -228,7 +237,7 @@ def train_reference(config: Config, dataset: str) -> dict[str, Any]:
 
 
 def train_distributed(config: Config, variant: str, dataset: str, mesh, process_id: int,
-                      *, timing_steps: int = 0) -> dict[str, Any]:
+                      *, timing_steps: int = 0, norm: str = "jaxnorm") -> dict[str, Any]:
   """Trains on the global batches, this process feeding its own rows; returns host copies.
 
   With ``timing_steps``, also times that many further steps (after the first, which compiles)
@@ -245,11 +254,12 @@ def train_distributed(config: Config, variant: str, dataset: str, mesh, process_
   def to_global_batch(local: np.ndarray):
     return jax.make_array_from_process_local_data(sharded, local)
 
-  variables = jax.tree.map(to_global_replicated, initial_variables(config))
-  params, batch_stats = variables["params"], variables["batch_stats"]
+  variables = jax.tree.map(to_global_replicated, initial_variables(config, norm))
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
   optimizer = optimizer_of(config)
   opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-  step = make_step(make_loss(config, variant, mesh, masked=dataset == "masked"), optimizer)
+  step = make_step(make_loss(config, variant, mesh, masked=dataset == "masked", norm=norm),
+                   optimizer)
   losses, times = [], []
   for i in range(config.steps + timing_steps):
     index = i % config.steps
@@ -393,6 +403,10 @@ def run_worker(args: argparse.Namespace) -> int:
       timings[f"{variant}-{dataset}"] = result["seconds_per_step"]
       print(f"process {args.process_id}: {variant:9s} {dataset:6s} losses "
             f"{np.round(result['losses'], 4).tolist()}", flush=True)
+  for norm in args.peer_norms if args.timing_steps else ():
+    result = train_distributed(config, "shard_map", "full", mesh, args.process_id,
+                               timing_steps=args.timing_steps, norm=norm)
+    timings[f"{norm}:shard_map-full"] = result["seconds_per_step"]
   if not args.skip_dataset_stats:
     np.savez(out / f"dataset-stats-process{args.process_id}.npz",
              **dataset_statistics(config, mesh, args.process_id))
@@ -425,6 +439,8 @@ def worker_command(args: argparse.Namespace, process_id: int, coordinator: str) 
     command.append("--fail-after-init")
   if args.skip_dataset_stats:
     command.append("--skip-dataset-stats")
+  if args.peer_norms:
+    command += ["--peer-norms", *args.peer_norms]
   return command
 
 
@@ -572,6 +588,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="time this many more steps per run (benchmarks/scaling.py)")
   parser.add_argument("--skip-dataset-stats", action="store_true",
                       help="skip fitting dataset statistics across the processes")
+  parser.add_argument("--peer-norms", nargs="*", choices=("flax", "none"), default=[],
+                      help="with --timing-steps, also time shard_map on full batches with "
+                           "flax.linen.BatchNorm or no norm")
   parser.add_argument("--process-id", type=int, default=None, help="run as this worker")
   parser.add_argument("--coordinator", default=None, help="host:port of process 0 (workers)")
   parser.add_argument("--fail-after-init", action="store_true",
