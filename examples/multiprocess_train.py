@@ -204,8 +204,8 @@ def make_step(loss_fn, optimizer):
 
 def initial_variables(config: Config, norm: str = "jaxnorm") -> dict[str, Any]:
   """The model's variables, the same on every process (host NumPy arrays)."""
-  variables = Net(config.hidden, norm=norm).init(jax.random.key(config.seed), np.zeros((2, FEATURES),
-                                                                           np.float32), train=False)
+  sample = np.zeros((2, FEATURES), np.float32)
+  variables = Net(config.hidden, norm=norm).init(jax.random.key(config.seed), sample, train=False)
   return jax.tree.map(np.asarray, variables)
 
 
