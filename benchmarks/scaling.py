@@ -6,9 +6,10 @@ host CPU devices, under ``jax.shard_map`` with ``axis_name`` and under sharded `
 Explicit mesh, on full and on masked batches; beside it, the same ``shard_map`` step with
 ``flax.linen.BatchNorm(axis_name=...)`` (one pmean of per-device means a layer) and with no
 norm at all, and one all_gather of a layer's statistics alone. Two processes talk through
-``jax.distributed`` over loopback with gloo collectives. Each configuration runs in fresh worker processes; the
-figure is the median over the timed steps (after the step that compiles) of the slowest
-process, and the configurations take turns over ``--rounds`` rounds (median of rounds).
+``jax.distributed`` over loopback with gloo collectives. Each configuration runs in fresh
+worker processes; the figure is the median over the timed steps (after the step that compiles)
+of the slowest process, and the configurations take turns over ``--rounds`` rounds (median of
+rounds).
 
 Beside the times: the collectives of the compiled training step on 8 host devices, per
 normalization layer and in all (deterministic, unlike the times).
