@@ -35,7 +35,7 @@ from tests import reference
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE_PATH = ROOT / "examples" / "multiprocess_train.py"
-JOB_TIMEOUT = 120  # seconds for a whole two-process job; a healthy one takes about 15
+JOB_TIMEOUT = 240  # seconds for a whole two-process job; a healthy one takes 15 to 45
 
 
 def load_example():
