@@ -185,11 +185,8 @@ def test_input_gradient_through_synced_statistics_equals_full_batch(mode, check_
     dx, dscale = jax.grad(total, argnums=(0, 3))(*args, scale)
   elif mode == "pmap":
     # pmap's convention: the gradient of the sum of the devices' losses, psum'd for parameters
-    grad = jax.pmap(
-        lambda x, w, weights, scale: jax.tree.map(
-            lambda g: g, jax.grad(functools.partial(loss, axis_name="d"), argnums=(0, 3))(
-                x, w, weights, scale)),
-        axis_name="d", in_axes=(0, 0, 0, None), devices=jax.devices()[:DEVICES])
+    grad = jax.pmap(jax.grad(functools.partial(loss, axis_name="d"), argnums=(0, 3)),
+                    axis_name="d", in_axes=(0, 0, 0, None), devices=jax.devices()[:DEVICES])
     dx, dscale = grad(*args, scale)
     dscale = jnp.sum(dscale, axis=0)
   else:
