@@ -134,7 +134,8 @@ def findings(wine: dict, mnist: dict, sizes: dict) -> list[str]:
   steps = lambda v: "never" if v is None else str(v)  # noqa: E731
   lines.append(
       f"Input normalization: largest stable learning rate "
-      f"{rate(raw['largest_stable_learning_rate'])} on raw wine features, {rate(std['largest_stable_learning_rate'])} with jaxnorm "
+      f"{rate(raw['largest_stable_learning_rate'])} on raw wine features, "
+      f"{rate(std['largest_stable_learning_rate'])} with jaxnorm "
       f"standardization; steps to the target accuracy: {steps(raw['fewest_steps'])} raw, "
       f"{steps(std['fewest_steps'])} standardized; best test accuracy {raw['best_accuracy']:.3f} "
       f"raw, {std['best_accuracy']:.3f} standardized.")
