@@ -40,6 +40,7 @@ import optax
 
 import jaxnorm
 import jaxnorm.linen as jnn
+from common import mnist1d
 
 METHODS = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "GroupNorm")
 
@@ -58,17 +59,6 @@ SETTINGS = {
     "micro 2": Setting(2, "shuffled", 32, 2),
     "sorted 32": Setting(32, "sorted", 32, 8),
 }
-
-
-def mnist1d(num_samples: int, seed: int = 42) -> dict[str, np.ndarray]:
-  """MNIST-1D from the package's generator: (N, 40, 1) signals, labels 0 to 9, 80/20 split."""
-  from mnist1d.data import get_dataset_args, make_dataset
-  args = get_dataset_args()
-  args.num_samples, args.seed = num_samples, seed
-  data = make_dataset(args)
-  return {"x": data["x"][..., None].astype(np.float32), "y": data["y"].astype(np.int32),
-          "x_test": data["x_test"][..., None].astype(np.float32),
-          "y_test": data["y_test"].astype(np.int32)}
 
 
 def norm_layer(method: str, train: bool, *, stats_batch: int, step_batch: int,
