@@ -130,8 +130,8 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
     return y, running
   moments = batch_moments(x, feature_axes, where=where, axis_name=axis_name,
                           axis_index_groups=axis_index_groups)
-  yf = moments.standardize(x.astype(moments.var.dtype), epsilon)
-  y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
+  y = functional.normalize_moments(x, moments, scale, bias, feature_axes=feature_axes,
+                                  epsilon=epsilon, dtype=dtype)
   if running is None:
     return y, None
   return y, update_batch_stats(running, feature_shaped(moments, feature_axes), momentum)

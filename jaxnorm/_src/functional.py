@@ -33,6 +33,51 @@ def affine(yf: Array, x: Array, scale: ArrayLike | None, bias: ArrayLike | None,
   return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params)))
 
 
+def normalize_moments(x: Array, moments: stats.Moments, scale: ArrayLike | None = None,
+                      bias: ArrayLike | None = None, *, feature_axes: tuple[int, ...],
+                      epsilon: float, dtype: Any = None, gain: Array | None = None,
+                      offset: Array | None = None) -> Array:
+  """``(x - mean) / sqrt(var + epsilon) * gain + offset``, then ``* scale + bias``.
+
+  .. math:: y = \\Big(\\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}\\, g + o\\Big)
+     \\gamma + \\beta
+
+  ``moments`` (from :mod:`jaxnorm._src.stats`) broadcast against ``x``; ``gain`` and ``offset``
+  (optional, batch renorm's r and d) against the moments. Where the parameters vary only along
+  axes the moments keep (batch, group and instance norm), every factor is folded into one
+  per-channel multiplier and one addend first, so the full-size work is
+  ``(x - m) * a + b``, with ``m`` the rounded mean (``x - m`` is exact near ``m``) and the
+  rounding residual of the mean folded into ``b``. Otherwise (layer norm) the output is
+  computed as :meth:`Moments.standardize` and then :func:`affine`.
+  """
+  xf = x.astype(moments.var.dtype)
+  kept = all(moments.var.shape[a] == x.shape[a] for a in feature_axes)
+  if not kept:
+    yf = moments.standardize(xf, epsilon)
+    if gain is not None:
+      yf = yf * gain
+    if offset is not None:
+      yf = yf + offset
+    return affine(yf, x, scale, bias, feature_axes, dtype)
+  scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+  bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
+  params = [p for p in (scale, bias) if p is not None]
+  rounded_mean = moments.shift + moments.mean
+  residual = (moments.shift - rounded_mean) + moments.mean
+  multiplier = lax.rsqrt(moments.var + epsilon)
+  if gain is not None:
+    multiplier = multiplier * gain
+  addend = offset if offset is not None else jnp.zeros((), xf.dtype)
+  if scale is not None:
+    multiplier = multiplier * scale
+    addend = addend * scale
+  addend = addend - residual * multiplier
+  if bias is not None:
+    addend = addend + bias
+  yf = (xf - rounded_mean) * multiplier + addend
+  return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params)))
+
+
 def normalize(x: ArrayLike, mean: ArrayLike, var: ArrayLike, scale: ArrayLike | None = None,
               bias: ArrayLike | None = None, *, feature_axes: Axes = -1, epsilon: float = 1e-5,
               dtype: Any = None) -> Array:
@@ -84,8 +129,8 @@ def layer_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   moments = stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
                                  axis_index_groups=axis_index_groups)
-  yf = moments.standardize(x.astype(moments.var.dtype), epsilon)
-  return affine(yf, x, scale, bias, feature_axes, dtype)
+  return normalize_moments(x, moments, scale, bias, feature_axes=feature_axes, epsilon=epsilon,
+                           dtype=dtype)
 
 
 def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Axes = -1,
@@ -163,16 +208,10 @@ def group_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
         f"x.shape={x.shape}; group_norm is channels-last")
   channels = x.shape[-1]
   groups = num_groups_for(channels, num_groups, group_size, x.shape)
-  grouped_shape = x.shape[:-1] + (groups, channels // groups)
-  where = checks.broadcast_mask(where, x.shape)
-  if where is not None:
-    tail = (1, 1) if where.shape[-1] == 1 else (groups, channels // groups)
-    where = where.reshape(where.shape[:-1] + tail)
-  grouped = x.reshape(grouped_shape)
-  moments = stats.reduce_moments(grouped, reduction_axes[:-1] + (x.ndim,), where=where,
-                                 axis_name=axis_name, axis_index_groups=axis_index_groups)
-  yf = moments.standardize(grouped.astype(moments.var.dtype), epsilon).reshape(x.shape)
-  return affine(yf, x, scale, bias, (x.ndim - 1,), dtype)
+  moments = stats.group_moments(x, reduction_axes, channels // groups, where=where,
+                                axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return normalize_moments(x, moments, scale, bias, feature_axes=(x.ndim - 1,),
+                           epsilon=epsilon, dtype=dtype)
 
 
 def instance_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None,
@@ -204,5 +243,5 @@ def instance_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike 
         f"reduce; give x spatial axes, e.g. (batch, length, channels)")
   moments = stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
                                  axis_index_groups=axis_index_groups)
-  yf = moments.standardize(x.astype(moments.var.dtype), epsilon)
-  return affine(yf, x, scale, bias, feature_axes, dtype)
+  return normalize_moments(x, moments, scale, bias, feature_axes=feature_axes, epsilon=epsilon,
+                           dtype=dtype)

@@ -230,8 +230,8 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
                            rmax=clip_value(rmax, step, name="rmax", least=1.0),
                            dmax=clip_value(dmax, step, name="dmax", least=0.0),
                            epsilon=epsilon)
-  yf = moments.standardize(x.astype(moments.var.dtype), epsilon) * r + d
-  y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
+  y = functional.normalize_moments(x, moments, scale, bias, feature_axes=feature_axes,
+                                  epsilon=epsilon, dtype=dtype, gain=r, offset=d)
   new = bn.update_batch_stats(bn.BatchStats(running.mean, running.var),
                               bn.feature_shaped(moments, feature_axes), momentum)
   return y, RenormStats(new.mean, new.var, step + 1)
