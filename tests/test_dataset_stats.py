@@ -292,6 +292,35 @@ def test_device_stats_without_axis_name_matches_host():
   assert_device_stats(stats, np.moveaxis(x, 1, -1).reshape(-1, 4))
 
 
+@pytest.mark.parametrize("shape, spec, channel_axis, nan", [
+    ((64, 3), P("d"), -1, False),
+    ((4, 8, 3), P(None, "d"), -1, False),
+    ((4, 8, 3), P(None, "d"), -1, True),
+    ((8, 3, 5), P("d"), 1, False),
+    ((16, 2), P("d"), None, False),
+])
+def test_device_stats_on_an_explicit_mesh(shape, spec, channel_axis, nan):
+  """Input sharded over an Explicit mesh (jax.make_mesh's default) needs no axis_name."""
+  x = np.random.default_rng(12).standard_normal(shape) * 3 + 1e3
+  if nan:
+    x[0, :5, 0] = np.nan
+  mesh = jax.make_mesh((8,), ("d",))
+  xs = jax.device_put(x.astype(np.float32), jax.sharding.NamedSharding(mesh, spec))
+  for fn in (jaxnorm.device_stats, jax.jit(jaxnorm.device_stats, static_argnames=(
+      "channel_axis", "ignore_nan"))):
+    stats = fn(xs, channel_axis=channel_axis, ignore_nan=nan)
+    flat = (x.reshape(-1, 1) if channel_axis is None
+            else np.moveaxis(x, channel_axis, -1).reshape(-1, x.shape[channel_axis]))
+    ref = reference(flat, nan=nan)
+    np.testing.assert_array_equal(np.asarray(stats.count), ref["count"])
+    np.testing.assert_allclose(stats.mean, ref["mean"], rtol=1e-6)
+    np.testing.assert_allclose(stats.var, ref["var"], rtol=1e-4)
+    np.testing.assert_allclose(stats.std, np.sqrt(ref["var"]), rtol=1e-4)
+    np.testing.assert_allclose(stats.min, ref["min"].astype(np.float32), rtol=0)
+    np.testing.assert_allclose(stats.max, ref["max"].astype(np.float32), rtol=0)
+    assert stats.mean.shape == (flat.shape[1],)
+
+
 def test_merge_across_processes_single_process_and_simulated():
   rng = np.random.default_rng(11)
   parts = [rng.standard_normal((n, 3)) + 7 for n in (40, 400, 4)]

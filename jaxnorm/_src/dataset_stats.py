@@ -608,13 +608,16 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
                  axis_name: Hashable | None = None) -> Stats:
   """Count, mean, variance, std, min and max per channel of ``x``, over devices with one collective.
 
-  Each device reduces its shard with jaxnorm's shifted moments (:func:`jaxnorm.reduce_moments`,
-  in float32 or wider); with ``axis_name`` (under ``vmap``, ``pmap``, ``shard_map``) one
-  ``all_gather`` brings every device's count, mean, variance, minimum and maximum to all of them,
-  and they are merged with Chan's formulas weighted by count (``stats.merge_moments``, the merge
-  of ``stats.pool_moments``). The
-  result is that of all shards together. Jittable; quantiles are left None (use
-  :func:`fit_stats` on the host, and :func:`merge_across_processes` across processes).
+  ``x`` keeps its layout: the moments are :func:`jaxnorm.reduce_moments` over every axis but
+  the channel axis (shifted, in float32 or wider), and min and max are reduced over the same
+  axes. Without ``axis_name``, input sharded over an Explicit mesh (``jax.make_mesh``'s default)
+  is reduced shard by shard and pooled with one ``all_gather``, and under sharded ``jit`` over
+  an Auto mesh XLA partitions the reductions. With ``axis_name`` (under ``vmap``, ``pmap``,
+  ``shard_map``) one ``all_gather`` brings every device's count, mean, variance, minimum and
+  maximum to all of them, and they are merged with Chan's formulas weighted by count
+  (``stats.merge_moments``, the merge of ``stats.pool_moments``). The result is that of all
+  shards together. Jittable; quantiles are left None (use :func:`fit_stats` on the host, and
+  :func:`merge_across_processes` across processes).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm
@@ -623,21 +626,41 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
     >>> stats.mean[0], stats.var[0], stats.max[0]
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32), Array([7.], dtype=float32))
   """
-  x = channels_last(jnp.asarray(x), channel_axis)
+  x = jnp.asarray(x)
+  if channel_axis is None:
+    x = x.reshape(1) if x.ndim == 0 else x
+    axes = tuple(range(x.ndim))
+  else:
+    if x.ndim == 0:
+      raise ValueError(
+          f"an array of shape {x.shape} has no channel axis {channel_axis}; give arrays of "
+          f"shape (N, ..., C), or channel_axis=None for one channel over all values")
+    (channel,) = checks.canonical_axes(channel_axis, x.ndim, name="channel_axis", shape=x.shape)
+    axes = tuple(a for a in range(x.ndim) if a != channel)
+  # No reshape to (values, channels): x keeps its layout, so input sharded over an Explicit
+  # mesh is reduced shard by shard (reduce_moments pools the shards with one all_gather).
   xf = x.astype(checks.reduction_dtype(x.dtype))
   valid = ~jnp.isnan(xf) if ignore_nan else None
-  local = moments_lib.local_moments(xf, 0, where=valid)
-  if valid is None:
-    lo = jnp.min(xf, axis=0, keepdims=True, initial=jnp.inf)
-    hi = jnp.max(xf, axis=0, keepdims=True, initial=-jnp.inf)
+  if axis_name is None:
+    moments = moments_lib.reduce_moments(xf, axes, where=valid)
   else:
-    lo = jnp.min(jnp.where(valid, xf, jnp.inf), axis=0, keepdims=True, initial=jnp.inf)
-    hi = jnp.max(jnp.where(valid, xf, -jnp.inf), axis=0, keepdims=True, initial=-jnp.inf)
+    moments = moments_lib.local_moments(xf, axes, where=valid)
+  low_values = xf if valid is None else jnp.where(valid, xf, jnp.inf)
+  high_values = xf if valid is None else jnp.where(valid, xf, -jnp.inf)
+  lo = jnp.min(low_values, axis=axes, keepdims=True, initial=jnp.inf)
+  hi = jnp.max(high_values, axis=axes, keepdims=True, initial=-jnp.inf)
   if axis_name is not None:
-    local, lo, hi = _pool(local, lo, hi, axis_name)
-  var = local.var[0]
-  return Stats(count=local.count[0], mean=local.full_mean[0], var=var, std=jnp.sqrt(var),
-               min=lo[0], max=hi[0], channel_axis=channel_axis, ignore_nan=ignore_nan)
+    moments, lo, hi = _pool(moments, lo, hi, axis_name)
+
+  def per_channel(a: Array) -> Array:
+    a = jnp.broadcast_to(a, lo.shape) if a.shape != lo.shape else a
+    a = jnp.squeeze(a, axis=axes)
+    return a.reshape(1) if channel_axis is None else a
+
+  var = per_channel(moments.var)
+  return Stats(count=per_channel(moments.count), mean=per_channel(moments.full_mean), var=var,
+               std=jnp.sqrt(var), min=per_channel(lo), max=per_channel(hi),
+               channel_axis=channel_axis, ignore_nan=ignore_nan)
 
 
 def _pool(local: moments_lib.Moments, lo: Array, hi: Array, axis_name: Hashable):
