@@ -14,8 +14,11 @@ a pairwise algorithm for computing sample variances", 1979):
    \\mu = \\mu_a + \\delta \\frac{n_b}{n}, \\quad
    M_2 = M_{2,a} + M_{2,b} + \\delta^2 \\frac{n_a n_b}{n},
 
-so the result equals NumPy's float64 statistics of the concatenated data to about 1e-12 relative,
-whatever the offset of the data, the batch sizes or the order of the merges. uint8, int8 and bool
+so for well-conditioned data (std / |mean| above about 1e-7) the result equals NumPy's float64
+statistics of the concatenated data to about 1e-12 relative, whatever the offset of the data, the
+batch sizes or the order of the merges. For data whose spread is far below its offset (std /
+|mean| below about 1e-7) the relative error grows with |mean| / std, as in any float64
+computation. uint8, int8 and bool
 batches are reduced through a histogram of their values, which is exact and one pass.
 
 Quantiles come from a mergeable histogram of ``bins`` bins per channel on a grid of power-of-two
@@ -618,6 +621,16 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
   (``stats.merge_moments``, the merge of ``stats.pool_moments``). The result is that of all
   shards together. Jittable; quantiles are left None (use :func:`fit_stats` on the host, and
   :func:`merge_across_processes` across processes).
+
+  Args:
+    x: this device's values (or the whole array, sharded or not), channels along
+      ``channel_axis``.
+    channel_axis: the channel axis; None for one channel over all values.
+    ignore_nan: skip NaNs. Unlike :func:`fit_stats`, which raises on a NaN, ``device_stats``
+      cannot raise on data (it runs under ``jit``): with ``ignore_nan=False`` a NaN in a channel
+      silently makes that channel's mean, var, std, min and max NaN. Check the result (e.g.
+      ``jnp.isnan(stats.mean).any()``), or pass ``ignore_nan=True``.
+    axis_name: the mapped axis to merge over (under ``vmap``, ``pmap``, ``shard_map``).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm
