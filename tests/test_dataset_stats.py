@@ -180,6 +180,30 @@ def test_update_like_partial_fit():
   np.testing.assert_array_equal(stats.median, jaxnorm.fit_stats(x).median)
 
 
+def test_jit_and_device_put_keep_the_histogram_off_the_device():
+  """The histogram is host data, not a leaf: traced or device_put Stats have histogram=None."""
+  rng = np.random.default_rng(13)
+  x, more = rng.standard_normal((500, 3)) * 2 + 9, rng.standard_normal((300, 3)) * 2 + 9
+  stats = jaxnorm.fit_stats(x, bins=256)
+  assert all(np.shape(leaf) == (3,) for leaf in jax.tree.leaves(stats))
+  for moved in (jax.jit(lambda s: s)(stats), jax.device_put(stats)):
+    assert moved.histogram is None and moved.channel_axis == stats.channel_axis
+    np.testing.assert_allclose(moved.median, stats.median, rtol=1e-6)
+    with pytest.raises(ValueError, match="hold no histogram.*jax.jit"):
+      moved.quantile(0.1)
+    merged = stats.merge(jaxnorm.fit_stats(more, bins=256)).merge(moved)  # no "immutable"
+    ref = reference(np.concatenate([x, more, x]))
+    np.testing.assert_array_equal(merged.count, ref["count"])
+    for name in ("mean", "var", "min", "max"):  # moved holds float32 without x64
+      np.testing.assert_allclose(getattr(merged, name), ref[name], rtol=1e-6)
+    assert merged.median is None
+  # The fitted statistics themselves are untouched and still give quantiles within the bound.
+  error = np.abs(stats.quantile(0.1) - np.quantile(x, 0.1, axis=0))
+  assert np.all(error <= stats.quantile_error)
+  y = jax.jit(jaxnorm.standardize)(x, stats)
+  np.testing.assert_allclose(y, (x - x.mean(0)) / x.std(0), rtol=1e-5, atol=1e-5)
+
+
 def test_jax_arrays_and_one_array():
   x = jax.random.normal(jax.random.key(0), (300, 2)) + 100
   stats = jaxnorm.fit_stats(x)

@@ -96,7 +96,10 @@ class Stats:
 
   Every field has shape ``(C,)``, one value per channel. ``median``, ``q25``, ``q75`` and
   ``quantile_error`` are None when fitted with ``quantiles=False`` or by :func:`device_stats`.
-  ``histogram`` (host-side, not saved to JSON) lets fitted statistics be updated and merged.
+  ``histogram`` (host-side, not saved to JSON) lets fitted statistics be updated and merged,
+  quantiles included. It is not a pytree leaf: ``jax.jit``, ``jax.device_put`` and
+  ``jax.tree.map`` keep the per-channel fields and give ``histogram=None`` (close over fitted
+  statistics, rather than passing them as a jitted argument, where the histogram is needed).
 
   Attributes:
     count: number of values per channel (NaNs excluded with ``ignore_nan=True``).
@@ -152,13 +155,12 @@ class Stats:
     """
     if self.histogram is None:
       raise ValueError(
-          "these Stats hold no histogram (loaded from JSON, computed by device_stats, or fitted "
-          "with quantiles=False), so only the stored median, q25 and q75 are known; fit with "
-          "jaxnorm.fit_stats(..., quantiles=True) to get other quantiles")
-    if isinstance(self.histogram.counts, jax.core.Tracer):
-      raise ValueError(
-          "quantiles come from the histogram on the host, but these Stats are traced (passed "
-          "as an argument to a jitted function); close over the statistics instead, e.g. "
+          "these Stats hold no histogram (loaded from JSON, computed by device_stats, fitted "
+          "with quantiles=False, or passed through jax.jit, jax.device_put or another "
+          "transformation, which keep the per-channel numbers but not the host-side histogram), "
+          "so only the stored median, q25 and q75 are known; fit with "
+          "jaxnorm.fit_stats(..., quantiles=True) and close over the statistics instead of "
+          "passing them to a jitted function, e.g. "
           "jax.jit(lambda x: jaxnorm.robust(x, stats, quantile_range=(10, 90)))")
     q = np.asarray(q, np.float64)
     if np.any((q < 0) | (q > 1)) or np.any(np.isnan(q)):
@@ -182,11 +184,29 @@ class Stats:
     return int(self.histogram.counts.shape[1])
 
 
-jax.tree_util.register_dataclass(
-    Stats,
-    data_fields=["count", "mean", "var", "std", "min", "max", "median", "q25", "q75",
-                 "quantile_error", "histogram"],
-    meta_fields=["channel_axis", "ignore_nan"])
+# The per-channel numbers are the pytree's leaves; the histogram is not. It is host-side data
+# (int64 counts, and grain markers such as UNKNOWN_GRAIN that need 64 bits): as leaves it would
+# be copied to the device on every jitted call and, without jax_enable_x64, truncated to int32,
+# which corrupts the quantiles and merges. So a Stats rebuilt from its leaves (by jax.jit,
+# jax.device_put, jax.tree.map) has histogram=None: its quantile() says so, and update() and
+# merge() give exact moments without quantiles.
+_LEAVES = ("count", "mean", "var", "std", "min", "max", "median", "q25", "q75", "quantile_error")
+
+
+def _flatten_stats(stats: Stats):
+  children = [(jax.tree_util.GetAttrKey(name), getattr(stats, name)) for name in _LEAVES]
+  return children, (stats.channel_axis, stats.ignore_nan)
+
+
+def _unflatten_stats(aux, children) -> Stats:
+  channel_axis, ignore_nan = aux
+  return Stats(*children, histogram=None, channel_axis=channel_axis, ignore_nan=ignore_nan)
+
+
+jax.tree_util.register_pytree_with_keys(
+    Stats, _flatten_stats, _unflatten_stats,
+    flatten_func=lambda stats: ([getattr(stats, name) for name in _LEAVES],
+                                (stats.channel_axis, stats.ignore_nan)))
 
 
 def channels_last(x: ArrayLike, channel_axis: int | None) -> np.ndarray | Array:
@@ -505,8 +525,9 @@ def _histogram_quantile(histogram: Histogram, count, lo, hi, q: float) -> np.nda
 def merge_stats(a: Stats, b: Stats) -> Stats:
   """Statistics of two disjoint parts of a dataset together (Chan's parallel formulas).
 
-  Quantiles need both histograms: where one is missing (Stats loaded from JSON, or fitted with
-  ``quantiles=False``) the merged median, q25 and q75 are None.
+  Quantiles need both histograms: where one is missing (Stats loaded from JSON, fitted with
+  ``quantiles=False``, or passed through ``jax.jit`` or ``jax.device_put``) the merged median,
+  q25 and q75 are None.
   """
   if a.channels != b.channels:
     raise ValueError(
