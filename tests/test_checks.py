@@ -165,3 +165,69 @@ def test_valid_calls_are_not_rejected():
   assert jaxnorm.layer_norm(X, jnp.ones((1, 1, 8))).shape == X.shape  # broadcastable params
   y, _ = init_apply(jnn.GroupNorm(num_groups=None, group_size=2), X, mask=where)
   assert np.all(np.isfinite(y))
+
+
+X2 = jnp.ones((3, 4))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: jaxnorm.batch_norm(X2, jaxnorm.init_batch_stats(3), jnp.arange(4.0), training=True,
+                               axis=0),
+    lambda: jaxnorm.batch_norm(X2, jaxnorm.init_batch_stats(3), None, jnp.arange(4.0),
+                               training=False, axis=0),
+    lambda: jaxnorm.layer_norm(X2, jnp.ones((4, 1)), feature_axes=0, reduction_axes=0),
+    lambda: jaxnorm.normalize(X2, jnp.zeros(4), jnp.ones(3), feature_axes=0),
+])
+def test_a_param_of_another_axis_size_is_refused(call):
+  """(4,) broadcasts against (3, 4), but along axis 1, not along the feature axis 0."""
+  with pytest.raises(ValueError, match=r"does not fit x.shape=\(3, 4\) with feature axes "
+                                       r"\(0,\); give it the feature shape \(3,\) \(or \(3, 1\)\)"):
+    call()
+
+
+def test_feature_params_that_fit_are_accepted():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+  expected = jaxnorm.batch_norm(x, None, jnp.arange(1.0, 4.0), training=True, axis=0)[0]
+  np.testing.assert_array_equal(  # x's number of axes, size 1 off the feature axis
+      jaxnorm.batch_norm(x, None, jnp.arange(1.0, 4.0).reshape(3, 1), training=True, axis=0)[0],
+      expected)
+  y = jaxnorm.batch_norm(x, None, jnp.float32(2.0), jnp.ones((1, 1)), training=True, axis=0)[0]
+  np.testing.assert_allclose(y, 2 * jaxnorm.batch_norm(x, None, training=True, axis=0)[0] + 1,
+                             rtol=1e-6)
+
+
+def renorm_call(running, training):
+  return jaxnorm.batch_renorm(X2, jaxnorm.RenormStats(running.mean, running.var,
+                                                      jnp.array(0, jnp.int32)),
+                              training=training, axis=0)
+
+
+RUNNING_SHAPE_CALLS = {
+    "ghost_batch_norm": lambda running, training: jaxnorm.ghost_batch_norm(
+        X2.T, running, training=training, virtual_batch_size=2),
+    "lp_batch_norm": lambda running, training: jaxnorm.lp_batch_norm(
+        X2, running, training=training, p=1, axis=0),
+    "batch_renorm": renorm_call,
+}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("running", [jaxnorm.init_batch_stats(1),
+                                     jaxnorm.BatchStats(jnp.zeros(4), jnp.ones(4))],
+                         ids=["(1,)", "(4,)"])
+@pytest.mark.parametrize("name", sorted(RUNNING_SHAPE_CALLS))
+def test_running_statistics_of_the_wrong_shape(name, running, training):
+  """Running statistics must have the feature shape (3,): (1,) and (4,) broadcast silently."""
+  init = "init_renorm_stats" if name == "batch_renorm" else "init_batch_stats"
+  for fn in both_ways(lambda running: RUNNING_SHAPE_CALLS[name](running, training)):
+    with pytest.raises(ValueError, match=rf"{name}: running.mean of shape \(\d,\) does not "
+                                         rf"match the feature shape \(3,\) of x; use "
+                                         rf"jaxnorm.{init}\(3\)"):
+      fn(running)
+
+
+@pytest.mark.xfail(strict=True, reason="batch_norm.batch_norm does not call "
+                   "checks.running_stats_shape yet")
+def test_batch_norm_running_statistics_of_the_wrong_shape_in_training():
+  with pytest.raises(ValueError, match=r"use jaxnorm.init_batch_stats\(3\)"):
+    jaxnorm.batch_norm(X2, jaxnorm.init_batch_stats(1), training=True, axis=0)

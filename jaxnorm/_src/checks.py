@@ -75,8 +75,9 @@ def feature_param(param: ArrayLike | None, shape: tuple[int, ...], feature_axes:
                   name: str) -> Array | None:
   """Returns scale or bias shaped to broadcast against x.
 
-  ``param`` has either the shape of x's feature axes (as Flax stores it) or a shape that
-  broadcasts to ``x.shape`` without changing it.
+  ``param`` has the shape of x's feature axes (as Flax stores it), or x's number of axes with
+  the feature sizes on the feature axes and size 1 on the others (or size 1 everywhere), or is
+  a scalar. A 1-D param of another axis' size is refused: it would broadcast along that axis.
   """
   if param is None:
     return None
@@ -84,11 +85,29 @@ def feature_param(param: ArrayLike | None, shape: tuple[int, ...], feature_axes:
   feature_shape = tuple(shape[a] for a in feature_axes)
   if param.shape == feature_shape:
     return param.reshape([shape[a] if a in feature_axes else 1 for a in range(len(shape))])
-  try:
-    if np.broadcast_shapes(param.shape, shape) == tuple(shape):
-      return param
-  except ValueError:
-    pass
+  if param.ndim == 0:
+    return param
+  if param.ndim == len(shape) and all(
+      size == 1 or (a in feature_axes and size == shape[a]) for a, size in enumerate(param.shape)):
+    return param
+  broadcast_shape = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
   raise ValueError(
       f"{name} of shape {param.shape} does not fit x.shape={tuple(shape)} with feature axes "
-      f"{feature_axes}; give it the feature shape {feature_shape}")
+      f"{feature_axes}; give it the feature shape {feature_shape} (or {broadcast_shape})")
+
+
+def running_stats_shape(running: Any, feature_shape: tuple[int, ...], name: str) -> None:
+  """Checks that running statistics have exactly the feature shape, naming how to make them."""
+  init = "init_renorm_stats" if hasattr(running, "step") else "init_batch_stats"
+  for field in ("mean", "var"):
+    found = jnp.shape(getattr(running, field))
+    if found != tuple(feature_shape):
+      raise ValueError(
+          f"{name}: running.{field} of shape {found} does not match the feature shape "
+          f"{tuple(feature_shape)} of x; use jaxnorm.{init}({_shape_text(feature_shape)}) "
+          f"to start")
+
+
+def _shape_text(feature_shape: tuple[int, ...]) -> str:
+  """``4`` for one feature axis, ``(4, 5)`` for several: as init_batch_stats takes it."""
+  return str(feature_shape[0]) if len(feature_shape) == 1 else str(tuple(feature_shape))

@@ -217,6 +217,7 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
     raise ValueError("batch_renorm needs the running state, in training too (r and d compare "
                      "the batch with it); pass jaxnorm.init_renorm_stats(num_features) to start")
   feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
+  checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "batch_renorm")
   if not training:
     y = functional.normalize(x, running.mean, running.var, scale, bias,
                              feature_axes=feature_axes, epsilon=epsilon, dtype=dtype)
