@@ -430,6 +430,21 @@ MALFORMED = {
     "count": (edited(count=[3, 2.5]), "'count' must hold positive integers"),
     "some quantiles": (edited(median=None), r"\['median'\] are null"),
     "channel_axis": (edited(channel_axis="last"), "'channel_axis' must be an integer or null"),
+    "huge float count": (edited(count=[1e300, 1e300]), r"'count' must hold positive integers no "
+                         r"larger than 2\*\*53"),
+    "count 2**63": (edited(count=[2**63, 3]), r"'count' must hold positive integers no larger"),
+    "negative count": (edited(count=[-3, 3]), r"'count' must hold positive integers"),
+    "huge integer": (edited().replace('"mean": [2.0', '"mean": [1' + '0' * 400),
+                     "'mean' holds a number that is not a float64"),
+    "channel_axis null": (edited(channel_axis=None), r"'channel_axis' is null .* 'channels' is 2"),
+    "var above range": (
+        edited(var=[7.0, 4.666666666666667], std=[7.0 ** 0.5, 2.160246899469287]),
+        r"'var' is 7.0 in channel 0, more than \(\(max - min\) / 2\)\*\*2 \* n / \(n - 1\) = 6.0"),
+    "var of a constant": (edited(min=[2.0, 1.0], max=[2.0, 6.0], median=None, q25=None, q75=None,
+                                 quantile_error=None),
+                          r"'var' is 2.666.* in channel 0, more than .* = 0.0 allows"),
+    "unknown key": (edited(histogram=[1, 2]), r"unknown key\(s\) \['histogram'\]; .* only "
+                    r"\['format', 'version'"),
 }
 
 

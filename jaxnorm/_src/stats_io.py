@@ -32,6 +32,10 @@ FORMAT = "jaxnorm.Stats"
 VERSION = 1
 MOMENT_FIELDS = ("count", "mean", "var", "std", "min", "max")
 QUANTILE_FIELDS = ("median", "q25", "q75", "quantile_error")
+KEYS = ("format", "version", "channels", "channel_axis", "ignore_nan") + MOMENT_FIELDS + \
+    QUANTILE_FIELDS
+# Counts are stored as float64 when merged and checked: integers above 2**53 are not exact.
+MAX_COUNT = 2**53
 
 
 def _reject_constant(name: str):
@@ -72,6 +76,9 @@ def stats_from_dict(data: Any, *, source: str = "stats") -> dataset_stats.Stats:
              if k not in data]
   if missing:
     fail(f"missing key(s) {missing}; the file must hold every field written by Stats.save")
+  unknown = sorted(str(k) for k in data if k not in KEYS)
+  if unknown:
+    fail(f"unknown key(s) {unknown}; a file written by Stats.save holds only {list(KEYS)}")
   channels = data["channels"]
   if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
     fail(f"'channels' must be a positive integer, got {channels!r}")
@@ -79,6 +86,9 @@ def stats_from_dict(data: Any, *, source: str = "stats") -> dataset_stats.Stats:
   if channel_axis is not None and (not isinstance(channel_axis, int)
                                    or isinstance(channel_axis, bool)):
     fail(f"'channel_axis' must be an integer or null, got {channel_axis!r}")
+  if channel_axis is None and channels != 1:
+    fail(f"'channel_axis' is null (one channel over all values) but 'channels' is {channels}; "
+         f"statistics of several channels need the integer channel axis they were fitted with")
   ignore_nan = data.get("ignore_nan", False)
   if not isinstance(ignore_nan, bool):
     fail(f"'ignore_nan' must be true or false, got {ignore_nan!r}")
@@ -92,14 +102,17 @@ def stats_from_dict(data: Any, *, source: str = "stats") -> dataset_stats.Stats:
            f"needs one value per channel")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
       fail(f"'{name}' must hold only numbers, got {value!r}")
-    array = np.asarray(value, np.float64)
+    try:
+      array = np.asarray(value, np.float64)
+    except (OverflowError, ValueError, TypeError) as error:  # an integer beyond float64
+      fail(f"'{name}' holds a number that is not a float64 ({error}): {value!r}")
     if not np.all(np.isfinite(array)):
       fail(f"'{name}' holds a non-finite value (NaN or infinity): {value!r}")
     return array
 
   count = numbers("count")
-  if np.any(count != np.round(count)) or np.any(count < 0):
-    fail(f"'count' must hold positive integers, got {data['count']!r}")
+  if np.any(count != np.round(count)) or np.any(count < 0) or np.any(count > MAX_COUNT):
+    fail(f"'count' must hold positive integers no larger than 2**53, got {data['count']!r}")
   if np.any(count == 0):
     fail(f"channel(s) {np.flatnonzero(count == 0).tolist()[:8]} hold no value (count 0); "
          f"statistics need at least one value per channel")
@@ -126,6 +139,16 @@ def stats_from_dict(data: Any, *, source: str = "stats") -> dataset_stats.Stats:
       channel = int(np.argmax(fields[low_name] > fields[high_name] + slack))
       fail(f"'{low_name}' exceeds '{high_name}' in channel {channel}; statistics must satisfy "
            f"min <= q25 <= median <= q75 <= max and min <= mean <= max")
+  # Popoviciu: a variance is at most ((max - min) / 2)**2 (times n / (n - 1) if unbiased), so a
+  # constant channel (min == max) has variance 0. The slack covers float64 rounding.
+  magnitude = np.maximum(np.abs(lo), np.abs(hi))
+  bound = np.square((hi - lo) / 2) * (count / np.maximum(count - 1, 1))
+  too_wide = fields["var"] > bound * (1 + 1e-9) + np.square(1e-8 * magnitude)
+  if np.any(too_wide):
+    channel = int(np.argmax(too_wide))
+    fail(f"'var' is {float(fields['var'][channel])!r} in channel {channel}, more than "
+         f"((max - min) / 2)**2 * n / (n - 1) = {float(bound[channel])!r} allows for values in "
+         f"[{float(lo[channel])!r}, {float(hi[channel])!r}]; the file was edited or corrupted")
   return dataset_stats.Stats(**fields, channel_axis=channel_axis, ignore_nan=ignore_nan)
 
 
@@ -150,8 +173,10 @@ def load_stats(path: str | os.PathLike) -> dataset_stats.Stats:
   """Reads statistics written by :func:`save_stats`, checking every field.
 
   Raises:
-    ValueError: the file is not JSON, a key is missing, a list has the wrong length, a value is
-      NaN, infinite or not a number, or the statistics contradict each other (say min > max).
+    ValueError: the file is not JSON, a key is missing or unknown, a list has the wrong length,
+      a value is NaN, infinite or not a number, a count is not an integer from 0 to 2**53,
+      channel_axis is null for several channels, or the statistics contradict each other (say
+      min > max, or a variance wider than [min, max] allows).
     OSError: the file cannot be read.
   """
   source = os.fspath(path)
