@@ -341,3 +341,24 @@ def test_small_batches_example_runs_in_quick_mode():
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "BatchRenorm" in result.stdout and "ghost" in result.stdout.lower()
+
+
+@pytest.mark.parametrize("rmax,dmax,bad", [
+    (np.float32(0.5), 5.0, "rmax=0.5 must be at least 1"),
+    (np.array(0.5), 5.0, "rmax=0.5 must be at least 1"),
+    (3.0, np.float32(-1.0), "dmax=-1.0 must be at least 0"),
+    (3.0, np.int64(-2), "dmax=-2 must be at least 0"),
+])
+def test_numpy_clips_are_checked_too(rmax, dmax, bad):
+  with pytest.raises(ValueError, match=bad):
+    jaxnorm.batch_renorm(jnp.ones((4, 2)), jaxnorm.init_renorm_stats(2), training=True,
+                         rmax=rmax, dmax=dmax)
+
+
+def test_batch_stats_without_a_step_is_an_error_naming_init_renorm_stats():
+  with pytest.raises(ValueError, match=r"needs a RenormStats .* got BatchStats; start from "
+                                       r"jaxnorm.init_renorm_stats\(num_features\)"):
+    jaxnorm.batch_renorm(jnp.ones((4, 2)), jaxnorm.init_batch_stats(2), training=True)
+  # evaluation reads only mean and var
+  y, _ = jaxnorm.batch_renorm(jnp.ones((4, 2)), jaxnorm.init_batch_stats(2), training=False)
+  np.testing.assert_allclose(y, 1 / np.sqrt(1 + 1e-5), rtol=1e-6)

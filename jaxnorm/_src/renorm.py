@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike
 
@@ -131,7 +132,8 @@ def clip_value(value: FloatOrSchedule, step: Array, *, name: str, least: float) 
   """A clip as a float32 scalar: ``value(step)`` for a schedule, ``value`` itself otherwise."""
   if callable(value):
     value = value(step)
-  elif isinstance(value, (int, float)) and value < least:
+  elif (isinstance(value, (int, float, np.integer, np.floating, np.ndarray))
+        and np.any(np.asarray(value) < least)):
     raise ValueError(f"{name}={value} must be at least {least}; rmax=1, dmax=0 is batch norm, "
                      f"the paper relaxes them to rmax=3, dmax=5")
   return jnp.asarray(value, jnp.float32)
@@ -216,6 +218,12 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
   if running is None:
     raise ValueError("batch_renorm needs the running state, in training too (r and d compare "
                      "the batch with it); pass jaxnorm.init_renorm_stats(num_features) to start")
+  if training and not hasattr(running, "step"):
+    raise ValueError(
+        f"batch_renorm in training needs a RenormStats (mean, var and the step its schedules "
+        f"read), got {type(running).__name__}; start from "
+        f"jaxnorm.init_renorm_stats(num_features), or from BatchStats with "
+        f"jaxnorm.RenormStats(stats.mean, stats.var, jnp.array(0, jnp.int32))")
   feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
   checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "batch_renorm")
   if not training:
