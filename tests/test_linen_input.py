@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 import jaxnorm
 import jaxnorm.linen as jnn
+import jaxnorm.nnx as jnnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +50,25 @@ def test_layer_equals_scaler_and_holds_constants_outside_params(name, use_jit):
   y = apply(variables, x)  # no mutable= needed
   np.testing.assert_allclose(y, scaler(x, stats), rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(y))
+
+
+def test_spread_in_the_statistics_precision_under_x64():
+  """Under x64 the variables are float64, so max - min of data far from zero is exact."""
+  x = np.array([[1e8], [1e8 + 1], [1e8 + 2], [1e8 + 3]])
+  with jax.enable_x64(True):
+    stats = jaxnorm.fit_stats(x)
+    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75], axis=0)
+    cases = ((jnn.MinMaxScale(stats=stats), (x - x.min(0)) / (x.max(0) - x.min(0))),
+             (jnn.RobustScale(stats=stats), (x - median) / (q75 - q25)))
+    for layer, expected in cases:
+      y, variables = layer.init_with_output(jax.random.key(0), x)
+      assert all(v.dtype == jnp.float64 for v in variables["input_stats"].values())
+      assert y.dtype == jnp.float64
+      np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), expected, atol=1e-12)
+    for layer, (_, expected) in zip((jnnx.MinMaxScale(stats), jnnx.RobustScale(stats)), cases):
+      assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(nnx.state(layer)))  # NNX too
+      np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_uint8_images_in_float_out():

@@ -103,6 +103,27 @@ def test_zero_variance_channels_do_not_divide_by_zero():
   np.testing.assert_array_equal(jaxnorm.minmax(x, stats, feature_range=(-1, 1))[:, 0], -1)
 
 
+def test_spread_in_the_statistics_precision_under_x64():
+  """max - min and q75 - q25 are taken in float64, not after rounding each to float32."""
+  x = np.array([[1e8], [1e8 + 1], [1e8 + 2], [1e8 + 3]])
+  with jax.enable_x64(True):
+    stats = jaxnorm.fit_stats(x)
+    for use_jit in (False, True):
+      y = maybe_jit(jaxnorm.minmax, use_jit)(x, stats)
+      assert y.dtype == jnp.float64
+      expected = (x - x.min(0)) / (x.max(0) - x.min(0))
+      np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(y, preprocessing.MinMaxScaler().fit_transform(x), atol=1e-12)
+      np.testing.assert_allclose(maybe_jit(jaxnorm.inverse_minmax, use_jit)(y, stats), x,
+                                 rtol=1e-15)
+      y = maybe_jit(jaxnorm.robust, use_jit)(x, stats)
+      q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75], axis=0)
+      np.testing.assert_allclose(y, (x - median) / (q75 - q25), rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(y, preprocessing.RobustScaler().fit_transform(x), atol=1e-12)
+      np.testing.assert_allclose(maybe_jit(jaxnorm.inverse_robust, use_jit)(y, stats), x,
+                                 rtol=1e-15)
+
+
 def test_uint8_in_float_out_and_other_dtypes():
   rng = np.random.default_rng(5)
   images = rng.integers(0, 256, (8, 6, 6, 3), dtype=np.uint8)

@@ -2,7 +2,7 @@
 
 ``Standardize``, ``MinMaxScale`` and ``RobustScale`` take a :class:`jaxnorm.Stats` (from
 :func:`jaxnorm.fit_stats` or :func:`jaxnorm.load_stats`) and store the numbers they need, in
-float32, in the ``input_stats`` collection, beside ``params`` and ``batch_stats``:
+float32 (float64 under ``jax_enable_x64``), in the ``input_stats`` collection, beside ``params`` and ``batch_stats``:
 
 - not in ``params``: an optimizer never sees them, and ``jax.grad`` over ``params`` has no
   entry for them (the layers also stop gradients through them);
@@ -31,6 +31,17 @@ from jaxnorm._src import scalers
 COLLECTION = "input_stats"
 
 
+def stat_array(value: Any) -> jax.Array:
+  """A fitted statistic as a JAX array in its own precision, float32 or wider.
+
+  Fitted statistics are float64: under ``jax_enable_x64`` they stay float64, so spreads such as
+  ``max - min`` of data far from zero (min 1e8, max 1e8 + 3) are taken in float64, as the pure
+  scalers take them; otherwise they are float32.
+  """
+  value = jnp.asarray(value)
+  return value.astype(jnp.promote_types(value.dtype, jnp.float32))
+
+
 def fitted_constants(module: nn.Module, stats: Any,
                      fields: dict[str, Callable[[Any], Any]]) -> list[jax.Array]:
   """Declares one ``input_stats`` variable per field, set from ``stats`` at init; no gradient."""
@@ -41,7 +52,7 @@ def fitted_constants(module: nn.Module, stats: Any,
             f"{type(module).__name__} needs fitted statistics to initialize '{COLLECTION}/"
             f"{name}': pass stats=jaxnorm.fit_stats(batches) (or jaxnorm.load_stats(path)), "
             f"or apply it with variables that hold '{COLLECTION}'")
-      return jnp.asarray(getter(stats), jnp.float32)
+      return stat_array(getter(stats))
     return init
 
   return [jax.lax.stop_gradient(module.variable(COLLECTION, name, initializer(name, getter)).value)

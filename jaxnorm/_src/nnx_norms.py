@@ -631,7 +631,7 @@ def fitted_constants(layer: str, stats: Any, num_features: Features | None,
                                                                    float]]) -> list[InputStat]:
   """One :class:`InputStat` per field, from ``stats``, or placeholders a checkpoint restores."""
   if stats is not None:
-    return [InputStat(jnp.asarray(getter(stats), jnp.float32)) for getter, _ in fields.values()]
+    return [InputStat(linen_input.stat_array(getter(stats))) for getter, _ in fields.values()]
   if num_features is None:
     raise ValueError(
         f"{layer} needs fitted statistics: pass stats=jaxnorm.fit_stats(batches) (or "
@@ -650,7 +650,7 @@ class Standardize(nnx.Module):
   """Standardizes inputs with fitted statistics: :math:`y = (x - \\mu) / \\sigma` per channel.
 
   The NNX form of ``jaxnorm.linen.Standardize``: :class:`InputStat` variables ``mean`` and
-  ``std`` (float32) and :func:`jaxnorm.rescale`. A constant channel (std 0) gives ``x - mean``.
+  ``std`` (float32, float64 under ``jax_enable_x64``) and :func:`jaxnorm.rescale`. A constant channel (std 0) gives ``x - mean``.
 
   Args:
     stats: fitted :class:`jaxnorm.Stats` (:func:`jaxnorm.fit_stats`, :func:`jaxnorm.load_stats`).

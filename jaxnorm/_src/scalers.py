@@ -27,7 +27,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 
@@ -170,7 +172,17 @@ def inverse_minmax(y: ArrayLike, stats: Any, *,
 
 
 def _spread(high: ArrayLike, low: ArrayLike) -> Array:
-  return jnp.asarray(high, jnp.float32) - jnp.asarray(low, jnp.float32)
+  """``high - low`` in the statistics' own precision, then in float32 or wider.
+
+  Fitted statistics are float64 NumPy arrays: their difference is taken in float64 on the host
+  (exact for nearby values far from zero, such as min 1e8 and max 1e8 + 3), then rounded once.
+  JAX arrays (traced statistics) are subtracted in their own dtype.
+  """
+  if isinstance(high, jax.Array) or isinstance(low, jax.Array):
+    spread = jnp.asarray(high) - jnp.asarray(low)
+  else:
+    spread = jnp.asarray(np.asarray(high) - np.asarray(low))
+  return spread.astype(jnp.promote_types(spread.dtype, jnp.float32))
 
 
 def robust_quantiles(stats: Any, quantile_range: tuple[float, float]) -> tuple[Any, Any]:
