@@ -2,7 +2,8 @@
 
 ``Standardize``, ``MinMaxScale`` and ``RobustScale`` take a :class:`jaxnorm.Stats` (from
 :func:`jaxnorm.fit_stats` or :func:`jaxnorm.load_stats`) and store the numbers they need, in
-float32 (float64 under ``jax_enable_x64``), in the ``input_stats`` collection, beside ``params`` and ``batch_stats``:
+float32 (float64 under ``jax_enable_x64``), in the ``input_stats`` collection, beside ``params``
+and ``batch_stats``:
 
 - not in ``params``: an optimizer never sees them, and ``jax.grad`` over ``params`` has no
   entry for them (the layers also stop gradients through them);

@@ -650,7 +650,8 @@ class Standardize(nnx.Module):
   """Standardizes inputs with fitted statistics: :math:`y = (x - \\mu) / \\sigma` per channel.
 
   The NNX form of ``jaxnorm.linen.Standardize``: :class:`InputStat` variables ``mean`` and
-  ``std`` (float32, float64 under ``jax_enable_x64``) and :func:`jaxnorm.rescale`. A constant channel (std 0) gives ``x - mean``.
+  ``std`` (float32, float64 under ``jax_enable_x64``) and :func:`jaxnorm.rescale`. A constant
+  channel (std 0) gives ``x - mean``.
 
   Args:
     stats: fitted :class:`jaxnorm.Stats` (:func:`jaxnorm.fit_stats`, :func:`jaxnorm.load_stats`).
