@@ -204,3 +204,15 @@ def test_bad_arguments_say_how_to_fix_them():
   no_quantiles = jaxnorm.fit_stats(np.arange(6.0).reshape(3, 2), quantiles=False)
   with pytest.raises(ValueError, match="quantiles=True"):
     jaxnorm.robust(np.ones((3, 2)), no_quantiles)
+
+
+def test_docstrings_hold_their_latex():
+  """A backslash escape such as \\f in \\frac must not become a control character."""
+  from jaxnorm._src import dataset_stats, linen_input, scalers, stats_io
+  for module in (scalers, dataset_stats, stats_io, linen_input):
+    own = [(name, obj) for name, obj in vars(module).items()
+           if getattr(obj, "__module__", None) == module.__name__]
+    for name, obj in [(module.__name__, module)] + own:
+      doc = getattr(obj, "__doc__", None) or ""
+      assert not any(c in doc for c in "\f\a\b\v\r\t\0"), (module.__name__, name)
+  assert "\\frac{a}{s}" in scalers.rescale.__doc__

@@ -63,7 +63,7 @@ def rescale(x: ArrayLike, center: ArrayLike, spread: ArrayLike, *, out_scale: Ar
             dtype: Any = None) -> Array:
   """The per-channel affine map every scaler and input layer uses.
 
-  .. math:: y = (x - c) \cdot \frac{a}{s} + b, \qquad s = 1 \text{ where } s = 0
+  .. math:: y = (x - c) \\cdot \\frac{a}{s} + b, \\qquad s = 1 \\text{ where } s = 0
 
   The factor :math:`a / s` is divided once per channel, not per element, in float32 or wider, so
   that ``x / 255`` maps 255 to exactly 1; the subtraction comes first, which keeps data far from
