@@ -303,3 +303,27 @@ def test_linen_lp_batch_norm_trains_and_evaluates():
   y_eval = layer.apply({**variables, **updates}, x, use_running_average=True)
   np.testing.assert_allclose(y_eval, (x - new.mean) / np.sqrt(new.var + 1e-5), rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_ghost_one_valid_value_per_virtual_batch_still_moves_the_mean(use_jit):
+  """8 rows in pairs, one valid row per pair: 4 valid values move the running mean as batch
+  norm's; no pair has a degree of freedom, so the variance stays."""
+  x = np.arange(8.0, dtype=np.float32)[:, None] + np.array([0.0, 10.0], np.float32)
+  where = (np.arange(8) % 2 == 1)[:, None]          # rows 1, 3, 5, 7
+  running = jaxnorm.BatchStats(jnp.array([0.0, 0.0]), jnp.array([1.0, 3.0]))
+  fn = maybe_jit(functools.partial(jaxnorm.ghost_batch_norm, training=True, virtual_batch_size=2,
+                                   momentum=0.0), use_jit)
+  _, new = fn(x, running, where=where)
+  _, new_bn = jaxnorm.batch_norm(x, running, training=True, momentum=0.0, where=where)
+  valid = x[where[:, 0]].astype(np.float64)
+  np.testing.assert_allclose(new.mean, valid.mean(0), rtol=1e-6)      # 4 and 14
+  np.testing.assert_allclose(new.mean, new_bn.mean, rtol=1e-6)
+  np.testing.assert_array_equal(new.var, running.var)
+  # two pairs with both rows valid: the variance moves to their pooled within-pair variance
+  both = where.copy()
+  both[0] = both[4] = True
+  _, new = fn(x, running, where=both)
+  _, mean, pooled_var = ghost_reference(x, 2, both, 1e-5)
+  np.testing.assert_allclose(new.mean, mean, rtol=1e-6)
+  np.testing.assert_allclose(new.var, pooled_var, rtol=1e-5)

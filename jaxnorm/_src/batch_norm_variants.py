@@ -47,8 +47,8 @@ def _evaluate(x: Array, running: BatchStats | None, scale, bias, feature_axes, e
 
 def ghost_moments(x: Array, feature_axes: tuple[int, ...], virtual_batch_size: int, *,
                   where: ArrayLike | None, axis_name: AxisName | None,
-                  axis_index_groups) -> tuple[Array, Array | None, Moments]:
-  """Moments of each virtual batch: x and the mask reshaped to ``(G, V, ...)``, and the moments.
+                  axis_index_groups) -> tuple[Array, Moments]:
+  """Moments of each virtual batch: x reshaped to ``(G, V, ...)``, and the moments.
 
   The moments keep the group axis (size G) and the reduced axes as size 1.
   """
@@ -77,25 +77,25 @@ def ghost_moments(x: Array, feature_axes: tuple[int, ...], virtual_batch_size: i
         f"use virtual_batch_size >= 2 or use_running_average=True (evaluation)")
   moments = stats.reduce_moments(xg, reduction_axes, where=where, axis_name=axis_name,
                                  axis_index_groups=axis_index_groups)
-  return xg, where, moments
+  return xg, moments
 
 
-def pooled_within(moments: Moments) -> Moments:
-  """One set of moments for the running statistics from the virtual batches' (axis 0).
+def pooled_within(moments: Moments) -> tuple[Moments, Array]:
+  """The moments the running statistics move towards, from the virtual batches' (axis 0).
 
-  The mean is that of all valid elements; the variance is the pooled within-batch estimate
-  :math:`\\sum_g n_g \\sigma_g^2 / \\sum_g (n_g - 1)`, returned with ``count`` set to its
-  degrees of freedom plus one so that :func:`jaxnorm.update_batch_stats`' ``n / (n - 1)``
-  turns it back into exactly that estimate (and skips a channel with no degree of freedom).
+  Count, shift and mean are those of all valid elements (:func:`stats.merge_moments`); the
+  variance is the pooled within-batch estimate :math:`\\sum_g n_g \\sigma_g^2 / \\sum_g (n_g - 1)`,
+  stored times :math:`(n - 1) / n` so that :func:`jaxnorm.update_batch_stats`' ``n / (n - 1)``
+  turns it back into exactly that estimate. Also returns the degrees of freedom
+  :math:`\\sum_g (n_g - 1)`: without any, the variance has no estimate.
   """
+  merged = stats.merge_moments(moments)
   counts = moments.count
-  shift = lax.stop_gradient(moments.shift[:1])
-  count = jnp.sum(counts, axis=0, keepdims=True)
-  total = jnp.sum(counts * ((moments.shift - shift) + moments.mean), axis=0, keepdims=True)
-  mean = total / jnp.where(count > 0, count, 1)
-  dof = jnp.sum(jnp.maximum(counts - 1, 0), axis=0, keepdims=True)
-  squares = jnp.sum(counts * moments.var, axis=0, keepdims=True)
-  return Moments(dof + 1, shift, mean, squares / (dof + 1))
+  dof = jnp.sum(jnp.maximum(counts - 1, 0), axis=0)
+  squares = jnp.sum(counts * moments.var, axis=0)
+  count = merged.count
+  var = jnp.where(dof > 0, squares * (count - 1), 0) / jnp.where(dof > 0, dof * count, 1)
+  return merged._replace(var=var), dof
 
 
 def ghost_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None = None,
@@ -117,7 +117,8 @@ def ghost_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike 
   statistics move towards the average over the virtual batches: the mean of all valid elements
   and the pooled within-batch variance :math:`\\sum_g n_g\\sigma^2_g / \\sum_g (n_g - 1)`, an
   unbiased estimate as in :func:`jaxnorm.batch_norm`; a non-finite batch leaves a channel as it
-  was. Evaluation uses the running statistics, at any batch size.
+  was. The mean moves once the batch holds 2 valid values, the variance once some virtual batch
+  does. Evaluation uses the running statistics, at any batch size.
 
   With ``axis_name``, virtual batch g is the union of the g-th sub-batch of every device
   (pooled by count in one collective), so every device sees the same statistics and keeps the
@@ -159,16 +160,20 @@ def ghost_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike 
     checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "ghost_batch_norm")
   if not training:
     return _evaluate(x, running, scale, bias, feature_axes, epsilon, dtype, "ghost_batch_norm")
-  xg, _, moments = ghost_moments(x, feature_axes, virtual_batch_size, where=where,
-                                 axis_name=axis_name, axis_index_groups=axis_index_groups)
+  xg, moments = ghost_moments(x, feature_axes, virtual_batch_size, where=where,
+                              axis_name=axis_name, axis_index_groups=axis_index_groups)
   yf = moments.standardize(xg.astype(moments.var.dtype), epsilon).reshape(x.shape)
   y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
   if running is None:
     return y, None
-  pooled = pooled_within(moments)
-  squeeze = tuple(a for a in range(xg.ndim) if a - 1 not in feature_axes)
-  feature_moments = Moments(*(jnp.squeeze(m, squeeze) for m in pooled))
-  return y, bn.update_batch_stats(running, feature_moments, momentum)
+  pooled, dof = pooled_within(moments)
+  pooled = bn.feature_shaped(pooled, feature_axes)
+  dof = jnp.reshape(dof, pooled.count.shape)
+  # the mean needs 2 valid values in all, the variance a degree of freedom within a batch
+  with_mean = bn.update_batch_stats(running, pooled, momentum)
+  with_var = bn.update_batch_stats(
+      running, pooled._replace(count=jnp.where(dof > 0, pooled.count, 0)), momentum)
+  return y, BatchStats(with_mean.mean, with_var.var)
 
 
 def canonical_p(p: float | str) -> float:
