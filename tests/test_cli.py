@@ -115,6 +115,9 @@ def make_bad_inputs(path):
   (path / "notes.txt").write_text("hello")
   np.save(path / "other.npy", np.ones((4, 5)))
   np.save(path / "nan.npy", np.array([[1.0, np.nan]]))
+  np.save(path / "no_rows.npy", np.zeros((0, 3)))
+  np.savez(path / "no_rows.npz", x=np.zeros((0, 3), np.float32))
+  np.save(path / "scalar.npy", np.array(5.0))
   np.save(path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
 
 
@@ -132,6 +135,12 @@ BAD = {
     "channel axis": (["good.npy", "--channel-axis", "3"], "--channel-axis 3 is out of range"),
     "nan": (["nan.npy"], "NaN in channel\\(s\\) \\[1\\]; pass ignore_nan=True"),
     "npz key": (["good.npy", "broken.npz", "--key", "x"], "broken.npz: cannot read"),
+    "no rows": (["no_rows.npy", "no_rows.npz"],
+                r"no rows to fit: no_rows.npy has shape \(0, 3\); no_rows.npz\[x\] has shape"),
+    "0-d, channel axis none": (
+        ["scalar.npy", "--channel-axis", "none"],
+        r"scalar.npy: a 0-d array \(a single value, shape \(\)\) has no rows"),
+    "0-d": (["scalar.npy"], r"scalar.npy: a 0-d array"),
 }
 
 

@@ -235,6 +235,8 @@ def test_nan_infinity_and_empty_channels_raise():
   x[:, 0] = np.nan
   with pytest.raises(ValueError, match=r"channel\(s\) \[0\] hold no value"):
     jaxnorm.fit_stats(x, ignore_nan=True)
+  with pytest.raises(ValueError, match=r"only empty batches \(no rows, e.g. shape \(0, 3\)\)"):
+    jaxnorm.fit_stats([np.zeros((0, 3)), np.zeros((0, 3))])
 
 
 def test_bad_calls_say_how_to_fix_them():

@@ -8,8 +8,8 @@ It streams: a ``.npy`` file is memory-mapped (``mmap_mode='r'``) and read in chu
 from the zip member (an array in Fortran order, or chunked along an axis other than the first, is
 read whole); images are read one at a time with Pillow, as (height, width, channels) arrays of
 their own dtype (uint8 for 8-bit images: exact quantiles). A problem with the input (a missing
-or unreadable file, a folder without images, channel counts that differ) prints one line on
-stderr and exits with status 1.
+or unreadable file, a folder without images, channel counts that differ, arrays without rows or
+0-d arrays) prints one line on stderr and exits with status 1.
 """
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def _plan_array(source: Source, channel_axis: int | None) -> Source:
   shape, dtype = source.shape, source.dtype
   if dtype.kind not in "biuf":
     raise InputError(f"{source.name}: dtype {dtype} is not a real number type")
+  if not shape:
+    raise InputError(f"{source.name}: a 0-d array (a single value, shape ()) has no rows; save "
+                     f"arrays of shape (N, ...) with one row per example")
   if channel_axis is not None:
     if not -len(shape) <= channel_axis < len(shape):
       raise InputError(f"{source.name}: --channel-axis {channel_axis} is out of range for an "
@@ -288,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stats(args: argparse.Namespace) -> int:
   sources = collect(args.paths, args.channel_axis, args.key)
+  if all(s.kind != "image" and math.prod(s.shape) == 0 for s in sources):
+    shapes = "; ".join(f"{s.name} has shape {s.shape}" for s in sources[:4])
+    raise InputError(f"no rows to fit: {shapes}; give arrays with at least one row")
   progress = sys.stderr.isatty() if args.progress is None else args.progress
   state: dict = {}
   try:

@@ -586,8 +586,8 @@ def fit_stats(batches: Iterable[ArrayLike] | ArrayLike, *, channel_axis: int | N
     A :class:`Stats`; ``Stats.update(batch)`` adds more data, ``Stats.merge`` joins two parts.
 
   Raises:
-    ValueError: no batch, channel counts that differ, infinities, NaNs (unless ignored), or a
-      channel without a single value.
+    ValueError: no batch, only empty batches (no rows), channel counts that differ, infinities,
+      NaNs (unless ignored), or a channel without a single value.
 
   Example:
     >>> import numpy as np, jaxnorm
@@ -607,11 +607,13 @@ def fit_stats(batches: Iterable[ArrayLike] | ArrayLike, *, channel_axis: int | N
     from tqdm.auto import tqdm
     iterator = tqdm(iterator, total=total, unit="batch", desc="fit_stats")
   partial = None
+  rows = 0
   try:
     for number, batch in enumerate(iterator):
       try:
         x = channels_last(np.asarray(batch), channel_axis)
         partial = _add_batch(partial, x, ignore_nan=ignore_nan, bins=bins if quantiles else None)
+        rows += x.shape[0]
       except ValueError as error:
         raise ValueError(f"batch {number} of shape {np.shape(batch)}: {error}") from None
   finally:
@@ -620,6 +622,10 @@ def fit_stats(batches: Iterable[ArrayLike] | ArrayLike, *, channel_axis: int | N
   if partial is None:
     raise ValueError("fit_stats got no batch; give an iterable of arrays, or one array")
   result = _finish(partial, channel_axis, ignore_nan)
+  if not rows:
+    raise ValueError(
+        f"fit_stats got only empty batches (no rows, e.g. shape (0, {result.channels})); give "
+        f"batches with at least one row")
   empty = np.flatnonzero(result.count == 0).tolist()
   if empty:
     raise ValueError(
