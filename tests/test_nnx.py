@@ -612,3 +612,31 @@ def test_input_stats_survive_an_orbax_checkpoint(tmp_path):
   np.testing.assert_array_equal(restored(x), layer(x))
   with pytest.raises(ValueError, match="num_features=C"):
     jnnx.Standardize()
+
+
+# -- rngs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", [
+    lambda **kw: jnnx.LayerNorm(4, **kw), lambda **kw: jnnx.BatchNorm(4, **kw),
+    lambda **kw: jnnx.GroupNorm(4, num_groups=2, **kw), lambda **kw: jnnx.InstanceNorm(4, **kw),
+    lambda **kw: jnnx.BatchRenorm(4, **kw)])
+def test_random_initializer_without_rngs_names_the_fix(layer):
+  """A fixed key would give two layers the same random scales: flax.nnx requires rngs."""
+  random_init = nnx.initializers.normal(1.0)
+  with pytest.raises(ValueError, match=r"scale_init draws random values, but rngs=None; pass "
+                                       r"rngs=nnx.Rngs\(0\)"):
+    layer(scale_init=random_init)
+  with pytest.raises(ValueError, match="bias_init draws random values"):
+    layer(bias_init=random_init)
+  first, second = layer(scale_init=random_init, rngs=nnx.Rngs(0)), layer(
+      scale_init=random_init, rngs=nnx.Rngs(1))
+  assert not np.array_equal(first.scale[...], second.scale[...])
+  # constant initializers need no rngs, also under nnx.eval_shape
+  constant = layer(scale_init=nnx.initializers.constant(2.0), bias_init=nnx.initializers.ones)
+  np.testing.assert_array_equal(constant.scale[...], 2.0)
+  np.testing.assert_array_equal(constant.bias[...], 1.0)
+  abstract = nnx.eval_shape(lambda: layer(scale_init=nnx.initializers.constant(2.0)))
+  assert abstract.scale.get_value().shape == (4,)
+  with pytest.raises(ValueError, match="draws random values"):
+    nnx.eval_shape(lambda: layer(scale_init=random_init))

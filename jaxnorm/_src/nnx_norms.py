@@ -50,11 +50,36 @@ def feature_shape_of(num_features: Features) -> tuple[int, ...]:
   return tuple(int(n) for n in num_features)
 
 
+CONSTANT_INITIALIZERS = (jax.nn.initializers.zeros, jax.nn.initializers.ones)
+
+
+def draws_random_values(init: Initializer, shape: tuple[int, ...], dtype: Any) -> bool:
+  """Whether ``init`` depends on its key: it gives other values for another key."""
+  if any(init is constant_init for constant_init in CONSTANT_INITIALIZERS):
+    return False
+  with jax.ensure_compile_time_eval():
+    first, second = (init(jax.random.key(seed), shape, dtype) for seed in (0, 1))
+    try:
+      return not bool(jnp.array_equal(first, second))
+    except jax.errors.ConcretizationTypeError:
+      return True
+
+
 def param(init: Initializer, shape: tuple[int, ...], dtype: Any, rngs: nnx.Rngs | None,
-          metadata: Mapping[str, Any]) -> nnx.Param:
-  """An ``nnx.Param`` from ``init``, with a key from ``rngs.params()`` as Flax draws it."""
-  key = rngs.params() if rngs is not None else jax.random.key(0)
-  return nnx.Param(init(key, shape, dtype), **metadata)
+          metadata: Mapping[str, Any], name: str = "scale") -> nnx.Param:
+  """An ``nnx.Param`` from ``init``, with a key from ``rngs.params()`` as Flax draws it.
+
+  Without ``rngs`` only a constant initializer is accepted: a fixed key would give every layer
+  the same random values.
+  """
+  if rngs is not None:
+    return nnx.Param(init(rngs.params(), shape, dtype), **metadata)
+  if draws_random_values(init, shape, dtype):
+    raise ValueError(
+        f"{name}_init draws random values, but rngs=None; pass rngs=nnx.Rngs(0) (any seed), as "
+        f"flax.nnx requires, or a constant initializer (nnx.initializers.ones_init(), "
+        f"zeros_init() or constant(value))")
+  return nnx.Param(init(jax.random.key(0), shape, dtype), **metadata)
 
 
 def scale_and_bias(feature_shape: tuple[int, ...], *, use_scale: bool, use_bias: bool,
@@ -64,7 +89,7 @@ def scale_and_bias(feature_shape: tuple[int, ...], *, use_scale: bool, use_bias:
   """``scale`` and ``bias`` params (or None), keys drawn in Flax's order: scale, then bias."""
   scale = (param(scale_init, feature_shape, param_dtype, rngs, scale_metadata) if use_scale
            else nnx.data(None))
-  bias = (param(bias_init, feature_shape, param_dtype, rngs, bias_metadata) if use_bias
+  bias = (param(bias_init, feature_shape, param_dtype, rngs, bias_metadata, "bias") if use_bias
           else nnx.data(None))
   return scale, bias
 
