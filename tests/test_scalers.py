@@ -130,7 +130,8 @@ def test_uint8_in_float_out_and_other_dtypes():
   stats = jaxnorm.fit_stats(images)
   y = jaxnorm.standardize(images, stats)
   assert y.dtype == jnp.float32
-  expected = (images - stats.mean) / stats.std
+  pixels = images.astype(np.float64).reshape(-1, 3)
+  expected = (images - pixels.mean(0)) / pixels.std(0)
   assert_close(y, expected, atol=1e-5)
   assert jaxnorm.standardize(images, stats, dtype=jnp.bfloat16).dtype == jnp.bfloat16
   assert jaxnorm.standardize(images.astype(jnp.bfloat16), stats).dtype == jnp.bfloat16
@@ -216,3 +217,21 @@ def test_docstrings_hold_their_latex():
       doc = getattr(obj, "__doc__", None) or ""
       assert not any(c in doc for c in "\f\a\b\v\r\t\0"), (module.__name__, name)
   assert "\\frac{a}{s}" in scalers.rescale.__doc__
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_inverses_match_scikit_learn_inverse_transform(use_jit):
+  x = np.round(table(9).astype(np.float64) * [100, 10, 1, 1, 1])  # integers: exact quantiles
+  stats = jaxnorm.fit_stats(x, bins=2**14)
+  np.testing.assert_array_equal(stats.quantile_error, 0)
+  rng = np.random.default_rng(10)
+  y = rng.standard_normal((50, 5)).astype(np.float32)  # arbitrary scaled values
+  cases = ((jaxnorm.inverse_standardize, preprocessing.StandardScaler()),
+           (functools.partial(jaxnorm.inverse_minmax, feature_range=(-1.0, 2.0)),
+            preprocessing.MinMaxScaler(feature_range=(-1.0, 2.0))),
+           (jaxnorm.inverse_robust, preprocessing.RobustScaler()))
+  for inverse, scaler in cases:
+    expected = scaler.fit(x).inverse_transform(y.astype(np.float64))
+    actual = maybe_jit(inverse, use_jit)(y, stats)
+    scale = np.max(np.abs(expected), axis=0)
+    assert np.all(np.abs(np.asarray(actual, np.float64) - expected) <= 1e-6 * scale), inverse
