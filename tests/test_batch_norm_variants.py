@@ -327,3 +327,26 @@ def test_ghost_one_valid_value_per_virtual_batch_still_moves_the_mean(use_jit):
   _, mean, pooled_var = ghost_reference(x, 2, both, 1e-5)
   np.testing.assert_allclose(new.mean, mean, rtol=1e-6)
   np.testing.assert_allclose(new.var, pooled_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, running: jaxnorm.ghost_batch_norm(x, running, training=False, virtual_batch_size=2),
+    lambda x, running: jaxnorm.lp_batch_norm(x, running, training=False, p=1),
+    lambda x, running: jaxnorm.lp_batch_norm(x, running, training=False, p=math.inf),
+])
+def test_evaluation_is_batch_norm_evaluation(call, monkeypatch):
+  """The evaluation branch lives once, in batch_norm: the variants call it."""
+  from jaxnorm._src import batch_norm as bn  # pylint: disable=import-outside-toplevel
+  calls = []
+  original = bn.batch_norm
+
+  def recorded(*args, **kwargs):
+    calls.append(kwargs["training"])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(bn, "batch_norm", recorded)
+  x = data((6, 3), 2.0)
+  running = jaxnorm.BatchStats(jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0, 6.0]))
+  y, same = call(x, running)
+  assert calls == [False] and same is running
+  np.testing.assert_array_equal(y, original(x, running, training=False)[0])

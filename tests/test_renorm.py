@@ -362,3 +362,23 @@ def test_batch_stats_without_a_step_is_an_error_naming_init_renorm_stats():
   # evaluation reads only mean and var
   y, _ = jaxnorm.batch_renorm(jnp.ones((4, 2)), jaxnorm.init_batch_stats(2), training=False)
   np.testing.assert_allclose(y, 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_evaluation_is_batch_norm_evaluation(monkeypatch):
+  """The evaluation branch lives once, in batch_norm: batch_renorm calls it."""
+  from jaxnorm._src import batch_norm as bn  # pylint: disable=import-outside-toplevel
+  calls = []
+  original = bn.batch_norm
+
+  def recorded(*args, **kwargs):
+    calls.append(kwargs["training"])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(bn, "batch_norm", recorded)
+  x = data((6, 3), 2.0)
+  running = jaxnorm.RenormStats(jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0, 6.0]),
+                                jnp.array(3, jnp.int32))
+  y, same = jaxnorm.batch_renorm(x, running, jnp.full(3, 2.0), jnp.ones(3), training=False)
+  assert calls == [False] and same is running
+  np.testing.assert_array_equal(y, original(x, jaxnorm.BatchStats(running.mean, running.var),
+                                            jnp.full(3, 2.0), jnp.ones(3), training=False)[0])

@@ -36,13 +36,12 @@ L1_GAUSSIAN_SCALE = math.sqrt(math.pi / 2)
 
 def _evaluate(x: Array, running: BatchStats | None, scale, bias, feature_axes, epsilon, dtype,
               name: str) -> tuple[Array, BatchStats]:
-  """Evaluation mode: normalize with the running statistics, returned unchanged."""
+  """Evaluation mode, :func:`jaxnorm.batch_norm`'s: the running statistics, returned unchanged."""
   if running is None:
     raise ValueError(f"{name} with training=False needs the running statistics; pass "
                      f"running=BatchStats(mean, var) (jaxnorm.init_batch_stats to start)")
-  y = functional.normalize(x, running.mean, running.var, scale, bias,
-                           feature_axes=feature_axes, epsilon=epsilon, dtype=dtype)
-  return y, running
+  return bn.batch_norm(x, running, scale, bias, training=False, axis=feature_axes,
+                       epsilon=epsilon, dtype=dtype)
 
 
 def ghost_moments(x: Array, feature_axes: tuple[int, ...], virtual_batch_size: int, *,

@@ -227,8 +227,8 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
   feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
   checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "batch_renorm")
   if not training:
-    y = functional.normalize(x, running.mean, running.var, scale, bias,
-                             feature_axes=feature_axes, epsilon=epsilon, dtype=dtype)
+    y, _ = bn.batch_norm(x, bn.BatchStats(running.mean, running.var), scale, bias,
+                         training=False, axis=feature_axes, epsilon=epsilon, dtype=dtype)
     return y, running
   moments = bn.batch_moments(x, feature_axes, where=where, axis_name=axis_name,
                              axis_index_groups=axis_index_groups)
