@@ -149,8 +149,10 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=None)
   args = parser.parse_args(argv)
   if os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES and argv is None:
-    # Large outputs as fresh mmaps would time page faults (see BENCHMARKING.md): restart with
-    # glibc keeping them in the heap.
+    # glibc serves allocations of 32 MiB and more as fresh mmaps, so every run of a large output
+    # would also time the kernel's page faults on new memory: restart with glibc's mmap and trim
+    # thresholds raised to 4 GiB (one arena), which keeps those buffers in the heap and reuses
+    # them from one round to the next.
     os.execve(sys.executable, [sys.executable] + sys.argv,
               {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES})
   import jax

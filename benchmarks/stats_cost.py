@@ -20,8 +20,9 @@ shared machine are noisy; the ratios are what to read. XLA's planned bytes (cost
 the 2N (forward) or 4N (forward+backward) minimum and the compile times are printed beside them.
 
 Under default glibc, outputs of 32 MiB and more are fresh mmaps and every run times page faults:
-the script re-executes itself once with ``GLIBC_TUNABLES`` set (see BENCHMARKING.md) unless it is
-already set or ``--no-reexec`` is given.
+the script re-executes itself once with ``GLIBC_TUNABLES`` raising glibc's mmap and trim
+thresholds to 4 GiB (one arena), so that large buffers stay in the heap and are reused from one
+round to the next, unless it is already set or ``--no-reexec`` is given.
 
 Run: python benchmarks/stats_cost.py [--quick] [--rounds 7]
 """

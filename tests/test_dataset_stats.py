@@ -3,7 +3,10 @@
 References: NumPy in float64 over the concatenated data (mean, var, min, max, np.quantile).
 """
 import json
+import os
 import re
+import subprocess
+import sys
 
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
@@ -472,3 +475,16 @@ def test_binary_file_and_unsaveable_stats(tmp_path):
   assert np.all(empty.count == 3)
   with pytest.raises(ValueError, match=r"the statistics to save: channel\(s\) \[0, 1\] hold no"):
     stats.save(path)
+
+
+def test_input_stats_benchmark_runs_in_quick_mode():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, os.path.join(root, "benchmarks", "input_stats.py"), "--quick", "--rounds",
+       "1"], capture_output=True, text=True, timeout=300, cwd=root,
+      env={**os.environ, "PYTHONPATH": root})
+  assert result.returncode == 0, result.stderr[-2000:]
+  for title in ("fitting statistics of a float32 table", "fitting statistics of uint8 images",
+                "standardizing with fitted statistics"):
+    assert title in result.stdout, result.stdout
+  assert "device_stats (jit, float32)" in result.stdout
