@@ -352,6 +352,18 @@ def test_device_stats_on_an_explicit_mesh(shape, spec, channel_axis, nan):
     assert stats.mean.shape == (flat.shape[1],)
 
 
+def test_device_stats_with_a_nan_and_ignore_nan_false_gives_nan_as_documented():
+  """fit_stats raises on a NaN; device_stats runs under jit, so its docstring says NaN results."""
+  x = np.arange(12.0).reshape(6, 2)
+  x[3, 1] = np.nan
+  with pytest.raises(ValueError, match="NaN in channel"):
+    jaxnorm.fit_stats(x)
+  stats = jax.jit(jaxnorm.device_stats)(x)
+  assert np.isfinite(stats.mean[0]) and np.isnan(stats.mean[1]) and np.isnan(stats.var[1])
+  assert "ignore_nan=False`` a NaN" in jaxnorm.device_stats.__doc__
+  np.testing.assert_allclose(jaxnorm.device_stats(x, ignore_nan=True).mean, np.nanmean(x, 0))
+
+
 def test_merge_across_processes_single_process_and_simulated():
   rng = np.random.default_rng(11)
   parts = [rng.standard_normal((n, 3)) + 7 for n in (40, 400, 4)]
