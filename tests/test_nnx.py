@@ -640,3 +640,19 @@ def test_random_initializer_without_rngs_names_the_fix(layer):
   assert abstract.scale.get_value().shape == (4,)
   with pytest.raises(ValueError, match="draws random values"):
     nnx.eval_shape(lambda: layer(scale_init=random_init))
+
+
+@pytest.mark.parametrize("use_running_average", [False, True])
+@pytest.mark.parametrize("param_dtype,dtype", [(jnp.bfloat16, None), (jnp.float32, None),
+                                               (jnp.bfloat16, jnp.bfloat16)])
+def test_output_dtype_is_flax_nnx_batch_norm_s(param_dtype, dtype, use_running_average):
+  """flax.nnx promotes x, the float32 running statistics, scale and bias together."""
+  x = data((8, 4), dtype=jnp.bfloat16)
+  options = {"param_dtype": param_dtype, "dtype": dtype,
+             "use_running_average": use_running_average}
+  expected = nnx.BatchNorm(4, **options, rngs=nnx.Rngs(0))(x).dtype
+  assert expected == (dtype or jnp.float32)
+  for layer in (jnnx.BatchNorm(4, **options), jnnx.BatchRenorm(4, **options),
+                jnnx.GhostBatchNorm(4, virtual_batch_size=4, **options),
+                jnnx.LpBatchNorm(4, p=1, **options)):
+    assert layer(x).dtype == expected, type(layer).__name__

@@ -234,7 +234,7 @@ class BatchNorm(nnx.Module):
         x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
         training=training, axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         where=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        dtype=self.dtype)
+        dtype=self._output_dtype(x))
     if training:
       self._store(running)
     return y
@@ -253,6 +253,14 @@ class BatchNorm(nnx.Module):
     x = checks.float_input(x, layer)
     feature_axes = check_features(x, self.axis, self.mean[...].shape, layer=layer, name="axis")
     return x, feature_axes, not use_running_average
+
+  def _output_dtype(self, x: jax.Array) -> Any:
+    """``dtype``, or as ``flax.nnx``: the result type of x, the running statistics (float32),
+    scale and bias, which flax promotes together (so bfloat16 x and params give float32)."""
+    if self.dtype is not None:
+      return self.dtype
+    params = [p for p in (value(self.scale), value(self.bias)) if p is not None]
+    return jnp.result_type(x, self.mean[...], self.var[...], *params)
 
   def _store(self, running: Any) -> None:
     """Writes the next running state, a NamedTuple whose fields name the BatchStats."""
@@ -313,7 +321,7 @@ class BatchRenorm(BatchNorm):
         value(self.scale), value(self.bias), training=training, rmax=self.rmax,
         dmax=self.dmax, axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         where=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        dtype=self.dtype)
+        dtype=self._output_dtype(x))
     if training:
       self._store(running)
     return y
@@ -349,7 +357,7 @@ class GhostBatchNorm(BatchNorm):
         x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
         training=training, virtual_batch_size=self.virtual_batch_size, axis=feature_axes,
         momentum=self.momentum, epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        axis_index_groups=self.axis_index_groups, dtype=self._output_dtype(x))
     if training:
       self._store(running)
     return y
@@ -382,7 +390,7 @@ class LpBatchNorm(BatchNorm):
         x, bn.BatchStats(self.mean[...], self.var[...]), value(self.scale), value(self.bias),
         training=training, p=self.p, axis=feature_axes, momentum=self.momentum,
         epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        axis_index_groups=self.axis_index_groups, dtype=self._output_dtype(x))
     if training:
       self._store(running)
     return y
