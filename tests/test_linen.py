@@ -324,3 +324,33 @@ def test_resnet_checkpoint_from_flax_norms_restores_into_jaxnorm_norms(tmp_path)
     if path[-1].key == "mean":
       theirs_mean = functools.reduce(lambda t, k: t[k.key], path, theirs[2])
       np.testing.assert_allclose(ours_mean, theirs_mean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [
+    jnn.BatchNorm(), jnn.BatchRenorm(), jnn.GhostBatchNorm(virtual_batch_size=2),
+    jnn.LpBatchNorm(p=1)], ids=lambda layer: type(layer).__name__)
+def test_batch_norm_family_shares_one_training_rule_and_one_store(layer, monkeypatch):
+  """Initializing with a batch of one evaluates, and running statistics are stored in training
+  only after init: one rule in linen_norms, used by every batch-norm layer."""
+  from jaxnorm._src import linen_norms  # pylint: disable=import-outside-toplevel
+  modes, stores = [], []
+  rule, store = linen_norms.batch_norm_training, linen_norms.store_running_stats
+
+  def recorded_rule(*args, **kwargs):
+    modes.append(rule(*args, **kwargs))
+    return modes[-1]
+
+  def recorded_store(module, training, variables, new_state):
+    stores.append((training, module.is_initializing()))
+    return store(module, training, variables, new_state)
+
+  monkeypatch.setattr(linen_norms, "batch_norm_training", recorded_rule)
+  monkeypatch.setattr(linen_norms, "store_running_stats", recorded_store)
+  x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) + 5
+  variables = layer.init(jax.random.key(0), x[:1], use_running_average=False)  # evaluates
+  np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0)
+  _, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  assert modes == [False, True] and stores == [(False, True), (True, False)]
+  assert np.all(np.asarray(updates["batch_stats"]["mean"]) > 0)
+  _, updates = layer.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(updates["batch_stats"]["mean"], 0)

@@ -19,32 +19,10 @@ import jax.numpy as jnp
 
 from jaxnorm._src import batch_norm as bn
 from jaxnorm._src import batch_norm_variants as variants
-from jaxnorm._src import checks
 from jaxnorm._src import linen_norms
 from jaxnorm._src import renorm
 
 FloatOrSchedule = float | Callable[[Any], Any]
-
-
-def _declare(module: linen_norms.BatchNorm, x, name: str):
-  """BatchNorm's variables, in BatchNorm's order: x checked, the feature axes, the variables."""
-  x = checks.float_input(x, name)
-  feature_axes, feature_shape = linen_norms.feature_shape_of(x, module.axis, "axis")
-  mean, var = linen_norms.running_stats(module, feature_shape)
-  scale, bias = linen_norms.scale_and_bias(
-      module, feature_shape, use_scale=module.use_scale, use_bias=module.use_bias,
-      scale_init=module.scale_init, bias_init=module.bias_init, param_dtype=module.param_dtype)
-  return x, feature_axes, mean, var, scale, bias
-
-
-def _training(module: nn.Module, x, feature_axes: tuple[int, ...], use_running_average,
-              batch_fits: bool = True) -> bool:
-  """Training mode, except while initializing with a batch the statistics cannot use."""
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  too_small = bn.values_per_channel(x.shape, reduction_axes) < 2 or not batch_fits
-  if module.is_initializing() and too_small:
-    return False  # Flax models are often initialized with a batch of one
-  return not use_running_average
 
 
 def _virtual_batches_fit(x, feature_axes: tuple[int, ...], size: int | None) -> bool:
@@ -90,9 +68,9 @@ class BatchRenorm(linen_norms.BatchNorm):
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    x, feature_axes, mean, var, scale, bias = _declare(self, x, "BatchRenorm")
+    x, feature_axes, mean, var, scale, bias = linen_norms.declare_batch_norm(self, x, "BatchRenorm")
     step = self.variable("batch_stats", "step", jnp.zeros, (), jnp.int32)
-    training = _training(self, x, feature_axes, use_running_average)
+    training = linen_norms.batch_norm_training(self, x, feature_axes, use_running_average)
     initializing = self.is_initializing()
     y, new_stats = renorm.batch_renorm(
         x, renorm.RenormStats(mean.value, var.value, step.value), scale, bias,
@@ -100,8 +78,7 @@ class BatchRenorm(linen_norms.BatchNorm):
         momentum=self.momentum, epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    if training and not initializing:
-      mean.value, var.value, step.value = new_stats
+    linen_norms.store_running_stats(self, training, (mean, var, step), new_stats)
     return y
 
 
@@ -134,9 +111,10 @@ class GhostBatchNorm(linen_norms.BatchNorm):
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    x, feature_axes, mean, var, scale, bias = _declare(self, x, "GhostBatchNorm")
+    x, feature_axes, mean, var, scale, bias = linen_norms.declare_batch_norm(
+        self, x, "GhostBatchNorm")
     size = self.virtual_batch_size
-    training = _training(self, x, feature_axes, use_running_average,
+    training = linen_norms.batch_norm_training(self, x, feature_axes, use_running_average,
                          _virtual_batches_fit(x, feature_axes, size))
     initializing = self.is_initializing()
     y, new_stats = variants.ghost_batch_norm(
@@ -144,8 +122,7 @@ class GhostBatchNorm(linen_norms.BatchNorm):
         virtual_batch_size=size, axis=feature_axes, momentum=self.momentum,
         epsilon=self.epsilon, where=mask, axis_name=None if initializing else self.axis_name,
         axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    if training and not initializing:
-      mean.value, var.value = new_stats
+    linen_norms.store_running_stats(self, training, (mean, var), new_stats)
     return y
 
 
@@ -175,14 +152,13 @@ class LpBatchNorm(linen_norms.BatchNorm):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     p = variants.canonical_p(self.p)
-    x, feature_axes, mean, var, scale, bias = _declare(self, x, "LpBatchNorm")
-    training = _training(self, x, feature_axes, use_running_average)
+    x, feature_axes, mean, var, scale, bias = linen_norms.declare_batch_norm(self, x, "LpBatchNorm")
+    training = linen_norms.batch_norm_training(self, x, feature_axes, use_running_average)
     initializing = self.is_initializing()
     y, new_stats = variants.lp_batch_norm(
         x, bn.BatchStats(mean.value, var.value), scale, bias, training=training, p=p,
         axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    if training and not initializing:
-      mean.value, var.value = new_stats
+    linen_norms.store_running_stats(self, training, (mean, var), new_stats)
     return y

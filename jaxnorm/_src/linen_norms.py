@@ -47,6 +47,42 @@ def running_stats(module: nn.Module, feature_shape: tuple[int, ...]):
   return mean, var
 
 
+def declare_batch_norm(module: nn.Module, x, layer: str):
+  """x checked, its feature axes, and the variables of the batch norm family, in Flax's order.
+
+  ``module`` has :class:`BatchNorm`'s attributes. Returns ``(x, feature_axes, mean, var,
+  scale, bias)``: the ``batch_stats`` variables and the ``params`` (or None).
+  """
+  x = checks.float_input(x, layer)
+  feature_axes, feature_shape = feature_shape_of(x, module.axis, "axis")
+  mean, var = running_stats(module, feature_shape)
+  scale, bias = scale_and_bias(
+      module, feature_shape, use_scale=module.use_scale, use_bias=module.use_bias,
+      scale_init=module.scale_init, bias_init=module.bias_init, param_dtype=module.param_dtype)
+  return x, feature_axes, mean, var, scale, bias
+
+
+def batch_norm_training(module: nn.Module, x, feature_axes: tuple[int, ...],
+                        use_running_average: bool, batch_fits: bool = True) -> bool:
+  """Training mode, except while initializing with a batch the statistics cannot use.
+
+  Flax models are often initialized with a batch of one: ``init`` then normalizes with the
+  running statistics instead of raising. ``batch_fits`` adds a layer's own rule.
+  """
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  too_small = bn.values_per_channel(x.shape, reduction_axes) < 2 or not batch_fits
+  if module.is_initializing() and too_small:
+    return False
+  return not use_running_average
+
+
+def store_running_stats(module: nn.Module, training: bool, variables, new_state) -> None:
+  """Writes the next running state into its variables in training, never while initializing."""
+  if training and not module.is_initializing():
+    for variable, new_value in zip(variables, new_state, strict=True):
+      variable.value = new_value
+
+
 class BatchNorm(nn.Module):
   """Batch normalization (Ioffe and Szegedy 2015), drop-in for ``flax.linen.BatchNorm``.
 
@@ -83,24 +119,15 @@ class BatchNorm(nn.Module):
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    x = checks.float_input(x, "BatchNorm")
-    feature_axes, feature_shape = feature_shape_of(x, self.axis, "axis")
-    mean, var = running_stats(self, feature_shape)
-    scale, bias = scale_and_bias(
-        self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,
-        scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype)
+    x, feature_axes, mean, var, scale, bias = declare_batch_norm(self, x, "BatchNorm")
+    training = batch_norm_training(self, x, feature_axes, use_running_average)
     initializing = self.is_initializing()
-    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    training = not use_running_average
-    if initializing and bn.values_per_channel(x.shape, reduction_axes) < 2:
-      training = False  # Flax models are often initialized with a batch of one
     y, new_stats = bn.batch_norm(
         x, bn.BatchStats(mean.value, var.value), scale, bias, training=training,
         axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    if training and not initializing:
-      mean.value, var.value = new_stats
+    store_running_stats(self, training, (mean, var), new_stats)
     return y
 
 
