@@ -20,6 +20,8 @@ import jaxnorm
 import jaxnorm.linen as jnn
 import jaxnorm.nnx as jnnx
 from tests import reference
+from tests.test_batch_norm_variants import ghost_reference, lp_reference
+from tests.test_renorm import renorm_reference
 
 # name -> (constructor kwargs, input shape, axes the statistics are over)
 LAYERS = {
@@ -656,3 +658,56 @@ def test_output_dtype_is_flax_nnx_batch_norm_s(param_dtype, dtype, use_running_a
                 jnnx.GhostBatchNorm(4, virtual_batch_size=4, **options),
                 jnnx.LpBatchNorm(4, p=1, **options)):
     assert layer(x).dtype == expected, type(layer).__name__
+
+
+# -- batch norm variants against float64 references ----------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", ["BatchRenorm", "GhostBatchNorm", "LpBatchNorm_1",
+                                  "LpBatchNorm_inf"])
+def test_batch_norm_variants_match_float64_references(name, masked):
+  """Output and running statistics of a training step, then the evaluation output."""
+  rng = np.random.default_rng(11)
+  x = data((6, 5, 4), offset=1e3, seed=11)
+  where = None
+  if masked:
+    where = rng.random((6, 5, 1)) < 0.6
+    where[::3, :2] = True
+  options = {"BatchRenorm": {"rmax": 1.5, "dmax": 0.5},
+             "GhostBatchNorm": {"virtual_batch_size": 3},
+             "LpBatchNorm_1": {"p": 1}, "LpBatchNorm_inf": {"p": "inf"}}[name]
+  layer = getattr(jnnx, class_name(name))(4, momentum=0.8, epsilon=1e-3, **options)
+  scale, bias = rng.standard_normal(4) + 1, rng.standard_normal(4)
+  running_mean = 1e3 + np.array([-5.0, 0.1, 5.0, -0.1]) + rng.standard_normal(4) * 0.01
+  running_var = rng.random(4) * 10 + 1
+  for variable, value_ in ((layer.scale, scale), (layer.bias, bias), (layer.mean, running_mean),
+                           (layer.var, running_var)):
+    variable[...] = jnp.asarray(value_, jnp.float32)
+  scale, bias = np.float32(scale).astype(np.float64), np.float32(bias).astype(np.float64)
+  running_mean = np.float32(running_mean).astype(np.float64)
+  running_var = np.float32(running_var).astype(np.float64)
+  y = nnx.jit(lambda model, x, mask: model(x, mask=mask))(layer, x, where)
+  if name == "BatchRenorm":
+    ref, r, d, new_mean, new_var = renorm_reference(
+        x, running_mean, running_var, (0, 1), rmax=1.5, dmax=0.5, epsilon=1e-3, where=where,
+        scale=scale, bias=bias, momentum=0.8)
+    assert np.any(np.abs(d) == 0.5) and np.any(np.abs(d) < 0.5)
+    assert int(layer.step[...]) == 1
+  elif name == "GhostBatchNorm":
+    ref, mean, pooled_var = ghost_reference(x, 3, where, 1e-3)
+    ref = ref * scale + bias
+    new_mean, new_var = 0.8 * running_mean + 0.2 * mean, 0.8 * running_var + 0.2 * pooled_var
+  else:
+    ref, mean, spread, count = lp_reference(x, (0, 1), 1 if name.endswith("1") else np.inf,
+                                            where, 1e-3)
+    ref = ref * scale + bias
+    new_mean = 0.8 * running_mean + 0.2 * mean.ravel()
+    new_var = 0.8 * running_var + 0.2 * (spread * count / (count - 1)).ravel()
+  assert reference.relative_error(y, ref, reference.mask_of(where, x.shape)) < 1e-5
+  np.testing.assert_allclose(layer.mean[...], new_mean, rtol=1e-6)
+  np.testing.assert_allclose(layer.var[...], new_var, rtol=1e-5)
+  layer.eval()
+  stored_mean, stored_var = (np.asarray(v[...], np.float64) for v in (layer.mean, layer.var))
+  expected = ((x.astype(np.float64) - stored_mean) / np.sqrt(stored_var + 1e-3)) * scale + bias
+  assert reference.relative_error(layer(x), expected) < 1e-5

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from jax.test_util import check_grads
 
 import jaxnorm
 import jaxnorm.linen as jnn
@@ -382,3 +385,71 @@ def test_evaluation_is_batch_norm_evaluation(monkeypatch):
   assert calls == [False] and same is running
   np.testing.assert_array_equal(y, original(x, jaxnorm.BatchStats(running.mean, running.var),
                                             jnp.full(3, 2.0), jnp.ones(3), training=False)[0])
+
+
+# r and d frozen: rmax=1, dmax=0 (batch norm), or every channel at its clips (the running
+# statistics far from the batch's), where a small change of x does not move them.
+FROZEN_CASES = {
+    "rmax_1_dmax_0": (jnp.array([0.5, 1.0, 3.0, -2.0]), jnp.array([0.5, 2.0, 9.0, 1.0]), 1.0,
+                      0.0),
+    "clipped": (jnp.array([-50.0, 60.0, -70.0, 80.0]), jnp.array([1e4, 1e-2, 1e4, 1e-2]), 2.0,
+                0.5),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("case", sorted(FROZEN_CASES))
+def test_check_grads_float64_with_r_and_d_frozen(case, masked):
+  rng = np.random.default_rng(27)
+  running_mean, running_var, rmax, dmax = FROZEN_CASES[case]
+  where = None
+  if masked:
+    where = rng.random((6, 5, 1)) < 0.6
+    where[:, :2] = True
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((6, 5, 4)) * 2 + 3, jnp.float64)
+    scale = jnp.asarray(rng.standard_normal(4) + 1, jnp.float64)
+    bias = jnp.asarray(rng.standard_normal(4), jnp.float64)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float64)
+    running = jaxnorm.RenormStats(running_mean.astype(jnp.float64),
+                                  running_var.astype(jnp.float64), jnp.array(0, jnp.int32))
+    _, r, d, _, _ = renorm_reference(x, running_mean, running_var, (0, 1), rmax=rmax, dmax=dmax,
+                                     epsilon=1e-5, where=where)
+    np.testing.assert_allclose(np.abs(np.log(r)), np.log(rmax))   # every r and d at a clip
+    np.testing.assert_allclose(np.abs(d), dmax)
+
+    def loss(x, s, b):
+      y, _ = jaxnorm.batch_renorm(x, running, s, b, training=True, rmax=rmax, dmax=dmax,
+                                  where=where)
+      return jnp.sum(weights * y ** 2)
+
+    check_grads(jax.jit(loss), (x, scale, bias), order=1, modes=["fwd", "rev"], atol=1e-5,
+                rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(2, 9), length=st.integers(1, 3), channels=st.integers(1, 3),
+       seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 100.0, 1e4]),
+       masked=st.booleans(), rmax=st.sampled_from([1.0, 1.5, 3.0]),
+       dmax=st.sampled_from([0.0, 0.5, 5.0]))
+def test_random_shapes_and_masks_match_float64_reference(batch, length, channels, seed, offset,
+                                                         masked, rmax, dmax):
+  rng = np.random.default_rng(seed)
+  x = data((batch, length, channels), offset, seed=seed)
+  where = None
+  if masked:
+    where = rng.random((batch, length, 1)) < 0.5
+    where[:2, 0] = True  # at least two valid values per channel
+  running_mean = (offset + rng.standard_normal(channels) * 3).astype(np.float32)
+  running_var = (rng.random(channels) * 20 + 0.1).astype(np.float32)
+  running = jaxnorm.RenormStats(jnp.asarray(running_mean), jnp.asarray(running_var),
+                                jnp.array(2, jnp.int32))
+  y, new = jaxnorm.batch_renorm(x, running, training=True, rmax=rmax, dmax=dmax, momentum=0.5,
+                                epsilon=1e-3, where=where)
+  ref, _, _, new_mean, new_var = renorm_reference(
+      x, running_mean, running_var, (0, 1), rmax=rmax, dmax=dmax, epsilon=1e-3, where=where,
+      momentum=0.5)
+  assert reference.relative_error(y, ref, reference.mask_of(where, x.shape)) < 1e-4
+  np.testing.assert_allclose(new.mean, new_mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new.var, new_var, rtol=1e-4)
+  assert int(new.step) == 3

@@ -235,7 +235,8 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
   step = jnp.asarray(running.step, jnp.int32)
   running_mean = checks.feature_param(running.mean, x.shape, feature_axes, "running.mean")
   running_var = checks.feature_param(running.var, x.shape, feature_axes, "running.var")
-  r, d = renorm_correction(moments.full_mean, moments.var, running_mean, running_var,
+  # mu_B - mu in the frame of the shift (an element of x): exact differences far from zero
+  r, d = renorm_correction(moments.mean, moments.var, running_mean - moments.shift, running_var,
                            rmax=clip_value(rmax, step, name="rmax", least=1.0),
                            dmax=clip_value(dmax, step, name="dmax", least=0.0),
                            epsilon=epsilon)
