@@ -75,3 +75,9 @@ def test_demo_quick_writes_report_plots_and_results(tmp_path):
     assert (tmp_path / name).stat().st_size > 0, name
   report = (tmp_path / "report.md").read_text()
   assert "## 3. Norms against batch size" in report and "![batch size](batch_size.png)" in report
+
+
+def test_nnx_quickstart_learns_digits():
+  out = run_example("nnx_quickstart.py", "--quick")
+  accuracy = float(re.search(r"held-out accuracy with running statistics: ([\d.]+)", out).group(1))
+  assert accuracy > 0.5, out  # chance is 0.1
