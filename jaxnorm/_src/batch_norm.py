@@ -65,14 +65,21 @@ def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) 
 def batch_moments(x: Array, feature_axes: tuple[int, ...], *, where: ArrayLike | None,
                   axis_name: AxisName | None, axis_index_groups) -> Moments:
   """Batch statistics over every axis but ``feature_axes``, after checking the batch size."""
+  reduction_axes = batch_axes(x, feature_axes, axis_name)
+  return stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
+                              axis_index_groups=axis_index_groups)
+
+
+def batch_axes(x: Array, feature_axes: tuple[int, ...], axis_name: AxisName | None
+               ) -> tuple[int, ...]:
+  """The axes batch statistics reduce (all but ``feature_axes``), after checking the size."""
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   if axis_name is None and values_per_channel(x.shape, reduction_axes) < 2:
     raise ValueError(
         f"batch norm in training needs at least 2 values per channel, but x.shape={x.shape} "
         f"has 1 over axes {reduction_axes}; use a larger batch, use_running_average=True "
         f"(evaluation), or a norm that does not depend on the batch (LayerNorm, GroupNorm)")
-  return stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
-                              axis_index_groups=axis_index_groups)
+  return reduction_axes
 
 
 def feature_shaped(moments: Moments, feature_axes: tuple[int, ...]) -> Moments:
@@ -128,10 +135,10 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
     y = functional.normalize(x, running.mean, running.var, scale, bias,
                              feature_axes=feature_axes, epsilon=epsilon, dtype=dtype)
     return y, running
-  moments = batch_moments(x, feature_axes, where=where, axis_name=axis_name,
-                          axis_index_groups=axis_index_groups)
-  y = functional.normalize_moments(x, moments, scale, bias, feature_axes=feature_axes,
-                                  epsilon=epsilon, dtype=dtype)
+  y, moments = functional.normalize_over(
+      x, batch_axes(x, feature_axes, axis_name), scale, bias, feature_axes=feature_axes,
+      epsilon=epsilon, where=where, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=dtype)
   if running is None:
     return y, None
   return y, update_batch_stats(running, feature_shaped(moments, feature_axes), momentum)

@@ -6,9 +6,11 @@ Pure functions: statistics come from :mod:`jaxnorm._src.stats`, the output is
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike
@@ -78,6 +80,93 @@ def normalize_moments(x: Array, moments: stats.Moments, scale: ArrayLike | None 
   return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params)))
 
 
+def _scaled(xf: Array, moments: stats.Moments, scale: Array | None, bias: Array | None,
+            epsilon: float) -> tuple[Array, Array]:
+  """``xhat * scale + bias`` and the normalized input ``xhat`` (:meth:`Moments.standardize`)."""
+  xhat = moments.standardize(xf, epsilon)
+  yf = xhat if scale is None else xhat * scale
+  return (yf if bias is None else yf + bias), xhat
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _normalize_local(xf: Array, where: Array | None, scale: Array | None, bias: Array | None,
+                     axes: tuple[int, ...], epsilon: float) -> tuple[Array, stats.Moments]:
+  """This device's moments of ``xf`` over ``axes``, and ``xf`` normalized, scaled and shifted.
+
+  Its derivative is written in closed form (Ioffe and Szegedy 2015): with :math:`\\hat x` the
+  normalized input, :math:`n` the count and :math:`w` the mask, over the reduced axes,
+
+  .. math:: d\\hat x = \\frac{1}{\\sigma}\\Big(dx - \\frac{1}{n}\\textstyle\\sum w\\, dx
+     - \\frac{\\hat x}{n} \\sum w\\, \\hat x\\, dx\\Big).
+
+  Transposed for a gradient, that is two sums over the reduced axes and one pass; derived
+  through the shifted sums, the gradient plans more bytes (layer norm 8192x1024: 3.75 times
+  the minimum instead of 4.0).
+  """
+  moments = stats.local_moments(xf, axes, where=where)
+  return _scaled(xf, moments, scale, bias, epsilon)[0], moments
+
+
+@_normalize_local.defjvp
+def _normalize_local_jvp(axes, epsilon, primals, tangents):
+  xf, where, scale, bias = primals
+  dx, _, d_scale, d_bias = tangents
+  moments = stats.local_moments(xf, axes, where=where)
+  yf, xhat = _scaled(xf, moments, scale, bias, epsilon)
+  rstd = lax.rsqrt(moments.var + epsilon)
+  inverse_count = stats._safe_divide(  # pylint: disable=protected-access
+      jnp.ones_like(moments.count), moments.count)
+  valid_dx = dx if where is None else jnp.where(where, dx, 0)
+  d_mean = jnp.sum(valid_dx, axis=axes, keepdims=True) * inverse_count
+  d_spread = jnp.sum(valid_dx * xhat, axis=axes, keepdims=True) * inverse_count
+  dy = (dx - d_mean - xhat * d_spread) * rstd
+  if scale is not None:
+    dy = dy * scale + xhat * d_scale
+  if bias is not None:
+    dy = dy + d_bias
+  d_moments = stats.Moments(jnp.zeros_like(moments.count), jnp.zeros_like(moments.shift),
+                            d_mean, 2 * d_spread / rstd)
+  return (yf, moments), (dy, d_moments)
+
+
+def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
+                   bias: ArrayLike | None, *, feature_axes: tuple[int, ...], epsilon: float,
+                   where: ArrayLike | None, axis_name: AxisName | None, axis_index_groups: Groups,
+                   dtype: Any, group_size: int | None = None) -> tuple[Array, stats.Moments]:
+  """Normalizes ``x`` with the moments of its valid elements over ``axes``, then scales it.
+
+  Returns the output of :func:`normalize_moments` and the moments (of
+  :func:`stats.reduce_moments`, or with ``group_size`` of :func:`stats.group_moments`).
+  Where the parameters vary along reduced axes (layer norm) on one device (no ``axis_name``,
+  no Explicit sharding of ``axes``), the statistics and the output are differentiated together
+  in closed form (:func:`_normalize_local`). Otherwise (per-channel parameters, or statistics
+  pooled over devices) :func:`normalize_moments` folds the parameters and the statistics are
+  differentiated as they are computed: for per-channel parameters the gradient then shares its
+  two sums with the parameters' (3.25 times the minimum bytes for batch norm, the closed form
+  4.25).
+  """
+  per_channel = all(x.shape[a] == 1 or a not in axes or (group_size and a == x.ndim - 1)
+                    for a in feature_axes)
+  if (per_channel or group_size is not None or axis_name is not None
+      or stats._explicit_shards(x, axes) is not None):  # pylint: disable=protected-access
+    if group_size is None:
+      moments = stats.reduce_moments(x, axes, where=where, axis_name=axis_name,
+                                     axis_index_groups=axis_index_groups)
+    else:
+      moments = stats.group_moments(x, axes, group_size, where=where, axis_name=axis_name,
+                                    axis_index_groups=axis_index_groups)
+    y = normalize_moments(x, moments, scale, bias, feature_axes=feature_axes, epsilon=epsilon,
+                          dtype=dtype)
+    return y, moments
+  xf = x.astype(checks.reduction_dtype(x.dtype))
+  scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+  bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
+  params = [p for p in (scale, bias) if p is not None]
+  yf, moments = _normalize_local(xf, checks.broadcast_mask(where, x.shape), scale, bias, axes,
+                                 epsilon)
+  return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params))), moments
+
+
 def normalize(x: ArrayLike, mean: ArrayLike, var: ArrayLike, scale: ArrayLike | None = None,
               bias: ArrayLike | None = None, *, feature_axes: Axes = -1, epsilon: float = 1e-5,
               dtype: Any = None) -> Array:
@@ -127,10 +216,10 @@ def layer_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
   """
   x = checks.float_input(x, "layer_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
-  moments = stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
-                                 axis_index_groups=axis_index_groups)
-  return normalize_moments(x, moments, scale, bias, feature_axes=feature_axes, epsilon=epsilon,
-                           dtype=dtype)
+  reduction_axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
+  return normalize_over(x, reduction_axes, scale, bias, feature_axes=feature_axes,
+                        epsilon=epsilon, where=where, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, dtype=dtype)[0]
 
 
 def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Axes = -1,
@@ -208,10 +297,10 @@ def group_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
         f"x.shape={x.shape}; group_norm is channels-last")
   channels = x.shape[-1]
   groups = num_groups_for(channels, num_groups, group_size, x.shape)
-  moments = stats.group_moments(x, reduction_axes, channels // groups, where=where,
-                                axis_name=axis_name, axis_index_groups=axis_index_groups)
-  return normalize_moments(x, moments, scale, bias, feature_axes=(x.ndim - 1,),
-                           epsilon=epsilon, dtype=dtype)
+  return normalize_over(x, reduction_axes, scale, bias, feature_axes=(x.ndim - 1,),
+                        epsilon=epsilon, where=where, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, dtype=dtype,
+                        group_size=channels // groups)[0]
 
 
 def instance_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None,
@@ -241,7 +330,6 @@ def instance_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike 
     raise ValueError(
         f"instance_norm of x.shape={x.shape} with feature_axes={feature_axes} has no axis to "
         f"reduce; give x spatial axes, e.g. (batch, length, channels)")
-  moments = stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
-                                 axis_index_groups=axis_index_groups)
-  return normalize_moments(x, moments, scale, bias, feature_axes=feature_axes, epsilon=epsilon,
-                           dtype=dtype)
+  return normalize_over(x, reduction_axes, scale, bias, feature_axes=feature_axes,
+                        epsilon=epsilon, where=where, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, dtype=dtype)[0]

@@ -20,6 +20,10 @@ computing the sample variance", 1983). Normalizing in the frame of the rounded m
 :math:`m = K + (\\mu - K)`, :math:`y = ((x - m) - ((K - m) + (\\mu - K))) / \\sigma`, keeps the
 output accurate too (:math:`x - m` is exact for :math:`x` near :math:`m`).
 
+Where every mean lies within 4 standard deviations of 0 (the usual case for activations), the
+shift is 0 and the plain sums of ``x`` and ``x**2`` serve, which XLA reduces fastest: the
+shifted pass runs only where they would lose accuracy (decided at run time, ``lax.cond``).
+
 Across devices, each device reduces its own elements, then one ``all_gather`` brings every
 device's ``(count, shift, mean, var)`` to all of them, and they are merged with Chan's parallel
 formulas, weighted by count: the result is exactly the statistics of all valid elements together.
@@ -68,9 +72,7 @@ class Moments(NamedTuple):
     # (K - m) + mean is the small part of the mean that rounding left out. Same accuracy as
     # (x - K) - mean, but it shares no full-size ``x - K`` with the sums, so XLA fuses the sums
     # and this output into passes over x instead of writing ``x - K`` to memory.
-    rounded_mean = self.shift + self.mean
-    residual = (self.shift - rounded_mean) + self.mean
-    return ((xf - rounded_mean) - residual) * lax.rsqrt(self.var + epsilon)
+    return ((xf - self.shift) - self.mean) * lax.rsqrt(self.var + epsilon)
 
 
 def _safe_divide(numerator: Array, count: Array) -> Array:
@@ -154,33 +156,58 @@ def _sums(xf: Array, shift: Array, where: Array | None, axes: tuple[int, ...],
           _reduce_sum(centred * centred, axes, group_size))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def _shifted_sums(xf: Array, shift: Array, count: Array, where: Array | None,
-                  axes: tuple[int, ...], group_size: int | None = None) -> tuple[Array, Array]:
-  """:func:`_sums`, with a derivative that shares no full-size array with them.
+# The plain sums are used where every mean is within 4 standard deviations of 0: there
+# E[x^2] - E[x]^2 loses at most a factor 17 of the sums' own rounding, about what a shift by one
+# sample loses (its distance to the mean is a standard deviation or more).
+_NEAR_ZERO = 16.0
 
-  d(sum of c) = sum of dc and d(sum of c^2) = sum of 2c dc over the valid elements, with
-  c = x - shift computed as (x - m) + (m - shift) around the rounded mean m = shift + sum / count:
-  the same values, but nothing in common with the forward sums, which XLA would otherwise write
-  to memory to share (23N bytes moved instead of 21N for a batch norm training step).
-  ``count`` gets no derivative (it counts the mask).
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _frame_and_sums(xf: Array, count: Array, where: Array | None, axes: tuple[int, ...],
+                    group_size: int | None) -> tuple[Array, Array, Array]:
+  """The shift and the sums of ``x - shift`` and of its square over the valid elements.
+
+  First the plain sums of ``x`` and ``x**2`` (shift 0), which XLA reduces fastest (a
+  subtraction inside a reduction costs CPUs up to half a memory pass more). Only where some
+  mean is farther than 4 standard deviations from 0 (or a sum is not finite), a second pass
+  takes :func:`_shift` and :func:`_sums`, at run time (``lax.cond``; under ``vmap`` both run).
+
+  The derivative, d(sum of c) = sum of dc and d(sum of c^2) = sum of 2c dc over the valid
+  elements, computes c = x - shift as (x - m) + (m - shift) around the rounded mean
+  m = shift + sum / count: the same values, but nothing in common with the forward sums, which
+  XLA would otherwise write to memory to share (23N bytes moved instead of 21N for a batch norm
+  training step). ``count`` gets no derivative (it counts the mask), nor does the shift.
   """
-  return _sums(xf, shift, where, axes, group_size)
+  valid = xf if where is None else jnp.where(where, xf, 0)
+  total = _reduce_sum(valid, axes, group_size)
+  total_sq = _reduce_sum(valid * valid, axes, group_size)
+  mean = _safe_divide(total, count)
+  spread = _safe_divide(total_sq, count) - mean * mean
+  near_zero = (mean * mean <= _NEAR_ZERO * spread) | (count == 0)
+
+  def shifted():
+    # The plain sums still where the mean is near 0: each channel's statistics then do not
+    # depend on the other channels' (under vmap, where cond becomes select, each example
+    # decides alone, and its results are those of the batch).
+    shift = jnp.where(near_zero, 0, _shift(xf, axes, where, count, group_size))
+    shifted_total, shifted_total_sq = _sums(xf, shift, where, axes, group_size)
+    return (shift, jnp.where(near_zero, total, shifted_total),
+            jnp.where(near_zero, total_sq, shifted_total_sq))
+
+  return lax.cond(jnp.all(near_zero), lambda: (jnp.zeros_like(total), total, total_sq), shifted)
 
 
-@_shifted_sums.defjvp
-def _shifted_sums_jvp(axes, group_size, primals, tangents):
-  xf, shift, count, where = primals
-  dx, dshift = tangents[0], tangents[1]
-  total, total_sq = _sums(xf, shift, where, axes, group_size)
+@_frame_and_sums.defjvp
+def _frame_and_sums_jvp(axes, group_size, primals, tangents):
+  xf, count, where = primals
+  dx = tangents[0]
+  shift, total, total_sq = _frame_and_sums(xf, count, where, axes, group_size)
   rounded_mean = shift + _safe_divide(total, count)
   centred = (xf - rounded_mean) + (rounded_mean - shift)
-  dc = dx - dshift
-  if where is not None:
-    dc = jnp.where(where, dc, 0)
+  dc = dx if where is None else jnp.where(where, dx, 0)
   d_total = _reduce_sum(dc, axes, group_size)
   d_total_sq = _reduce_sum(2 * centred * dc, axes, group_size)
-  return (total, total_sq), (d_total, d_total_sq)
+  return (shift, total, total_sq), (jnp.zeros_like(shift), d_total, d_total_sq)
 
 
 def local_moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None) -> Moments:
@@ -199,12 +226,12 @@ def _local_moments(x: ArrayLike, axes: Axes, where: ArrayLike | None,
     size = group_size or 1
     for a in axes:
       size *= x.shape[a] if group_size is None or a != x.ndim - 1 else 1
-    shift = _shift(xf, axes, None, None, group_size)
-    count = jnp.full(shift.shape, size, xf.dtype)
+    kept = tuple(1 if a in axes and (group_size is None or a != x.ndim - 1) else n
+                 for a, n in enumerate(x.shape))
+    count = jnp.full(kept, size, xf.dtype)
   else:
     count = _reduce_sum(jnp.broadcast_to(where, x.shape).astype(xf.dtype), axes, group_size)
-    shift = _shift(xf, axes, where, count, group_size)
-  total, total_sq = _shifted_sums(xf, shift, count, where, axes, group_size)
+  shift, total, total_sq = _frame_and_sums(xf, count, where, axes, group_size)
   mean = _safe_divide(total, count)
   var = jnp.maximum(_safe_divide(total_sq, count) - mean * mean, 0)
   return Moments(count, shift, mean, var)
