@@ -203,7 +203,9 @@ def _frame_and_sums_jvp(axes, group_size, primals, tangents):
   dx = tangents[0]
   shift, total, total_sq = _frame_and_sums(xf, count, where, axes, group_size)
   rounded_mean = shift + _safe_divide(total, count)
-  centred = (xf - rounded_mean) + (rounded_mean - shift)
+  # x + (-m), not x - m: the output's x - m is a different expression, so XLA does not write
+  # one shared array to memory for both
+  centred = (xf + (-rounded_mean)) + (rounded_mean - shift)
   dc = dx if where is None else jnp.where(where, dx, 0)
   d_total = _reduce_sum(dc, axes, group_size)
   d_total_sq = _reduce_sum(2 * centred * dc, axes, group_size)
