@@ -1,0 +1,33 @@
+"""benchmarks/speed.py runs in quick mode and prints its table (no timing is asserted)."""
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_speed_quick_table():
+  result = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "speed.py"), "--quick", "--no-torch", "--only",
+       "layer_norm,batch_norm,group_norm,standardize"],
+      capture_output=True, text=True, timeout=600, cwd=BENCHMARKS.parent)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "left out (--no-torch)" in result.stderr, result.stderr[-3000:]
+  rows = [line for line in result.stdout.splitlines() if re.match(r"\| [a-z_]+ \| \d", line)]
+  # layer, batch and group norm forward and forward+backward; standardize forward only
+  assert [tuple(c.strip() for c in row.strip("|").split("|")[:3]) for row in rows] == [
+      ("layer_norm", "256x1024", "fwd"), ("layer_norm", "256x1024", "fwd+bwd"),
+      ("batch_norm", "8x8x8x64", "fwd"), ("batch_norm", "8x8x8x64", "fwd+bwd"),
+      ("group_norm", "8x8x8x64", "fwd"), ("group_norm", "8x8x8x64", "fwd+bwd"),
+      ("standardize", "256x1024", "fwd")], result.stdout
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    jaxnorm_multiple, planned = float(cells[3]), float(cells[8])
+    assert math.isfinite(jaxnorm_multiple) and jaxnorm_multiple > 0, row
+    assert planned >= 0.9, row  # XLA plans at least the minimum bytes
+    if cells[0] != "standardize":
+      assert math.isfinite(float(cells[4])), row  # flax's column is filled
