@@ -287,3 +287,25 @@ def test_check_grads_float64(name, masked):
     fn = masked_functions(where)[name]
     loss = jax.jit(lambda x, s, b: jnp.sum(weights * fn(x, s, b) ** 2))
     check_grads(loss, (x, scale, bias), order=1, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_takes_a_scalar_or_lower_rank_mask_like_layer_norm():
+  x = np.random.default_rng(3).standard_normal((3, 8)).astype(np.float32) + 5
+  expected = reference.group_norm(x, 2)
+  for mask in (jnp.array(True), jnp.ones((8,), bool)):
+    assert reference.max_error(jaxnorm.group_norm(x, num_groups=2, where=mask, epsilon=0.0),
+                               expected) < 1e-4
+  row_mask = np.array([True, False, True, True, False, True, True, True])
+  assert reference.max_error(
+      jaxnorm.group_norm(x, num_groups=2, where=row_mask, epsilon=0.0),
+      reference.group_norm(x, 2, where=np.broadcast_to(row_mask, x.shape)),
+      np.broadcast_to(row_mask, x.shape)) < 1e-4
+
+
+def test_moments_over_no_axis_with_a_mask_are_the_valid_values_themselves():
+  x = np.arange(6.0, dtype=np.float32).reshape(2, 3) + 1e4
+  where = x > 1e4 + 2
+  mean, var = jaxnorm.moments(x, (), where=where)
+  expected_mean, expected_var, _ = reference.moments(x, (), where)
+  np.testing.assert_allclose(mean, expected_mean, rtol=1e-7)
+  np.testing.assert_array_equal(var, expected_var)

@@ -68,7 +68,8 @@ def broadcast_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> Array | N
         f"mask of shape {where.shape} does not broadcast to x.shape={tuple(shape)}; give a mask "
         f"with x's shape, or with size 1 on the axes where it does not vary, e.g. "
         f"{tuple(shape[:-1]) + (1,)}")
-  return where.astype(bool)
+  # Leading size-1 axes broadcast the same and give every mask the rank of x.
+  return where.reshape((1,) * (len(shape) - where.ndim) + where.shape).astype(bool)
 
 
 def feature_param(param: ArrayLike | None, shape: tuple[int, ...], feature_axes: tuple[int, ...],

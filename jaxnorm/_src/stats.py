@@ -129,6 +129,8 @@ def _shift(xf: Array, axes: tuple[int, ...], where: Array | None, count: Array |
     first = _first_along(xf, tuple(a for a in axes if a != xf.ndim - 1))
     grouped = first.reshape(first.shape[:-1] + (-1, group_size))[..., :1]
     return lax.stop_gradient(_spread_groups(grouped, first.shape))
+  if not axes:  # nothing is reduced: each valid element is its own reference
+    return lax.stop_gradient(jnp.where(where, xf, 0))
   first, rest = axes[0], axes[1:]
   index = tuple(slice(0, 1) if a == first else slice(None) for a in range(xf.ndim))
   x_slice = xf[index]
