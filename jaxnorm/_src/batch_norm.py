@@ -128,6 +128,8 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
   """
   x = checks.float_input(x, "batch_norm")
   feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
+  if running is not None:
+    checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "batch_norm")
   if not training:
     if running is None:
       raise ValueError("batch_norm with training=False needs the running statistics; pass "
