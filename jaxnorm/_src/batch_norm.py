@@ -88,6 +88,19 @@ def feature_shaped(moments: Moments, feature_axes: tuple[int, ...]) -> Moments:
   return Moments(*(jnp.squeeze(m, squeeze) for m in moments))
 
 
+def checked_input(x: ArrayLike, running, axis: Axes, name: str) -> tuple[Array, tuple[int, ...]]:
+  """``x`` as a float array and its canonical feature axes, after checking the running stats.
+
+  The input checks of every batch-norm function: float input, feature axes in range, and running
+  statistics (when given) of the feature shape.
+  """
+  x = checks.float_input(x, name)
+  feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
+  if running is not None:
+    checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), name)
+  return x, feature_axes
+
+
 def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None = None,
                bias: ArrayLike | None = None, *, training: bool, axis: Axes = -1,
                momentum: float = 0.99, epsilon: float = 1e-5, where: ArrayLike | None = None,
@@ -126,10 +139,7 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
     >>> y.ravel(), running.mean, running.var
     (Array([-1.,  1.], dtype=float32), Array([0.2], dtype=float32), Array([1.1], dtype=float32))
   """
-  x = checks.float_input(x, "batch_norm")
-  feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
-  if running is not None:
-    checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "batch_norm")
+  x, feature_axes = checked_input(x, running, axis, "batch_norm")
   if not training:
     if running is None:
       raise ValueError("batch_norm with training=False needs the running statistics; pass "

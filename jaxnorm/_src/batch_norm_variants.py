@@ -153,10 +153,7 @@ def ghost_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike 
     return bn.batch_norm(x, running, scale, bias, training=training, axis=axis,
                          momentum=momentum, epsilon=epsilon, where=where, axis_name=axis_name,
                          axis_index_groups=axis_index_groups, dtype=dtype)
-  x = checks.float_input(x, "ghost_batch_norm")
-  feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
-  if running is not None:
-    checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "ghost_batch_norm")
+  x, feature_axes = bn.checked_input(x, running, axis, "ghost_batch_norm")
   if not training:
     return _evaluate(x, running, scale, bias, feature_axes, epsilon, dtype, "ghost_batch_norm")
   xg, moments = ghost_moments(x, feature_axes, virtual_batch_size, where=where,
@@ -259,10 +256,7 @@ def lp_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | N
     return bn.batch_norm(x, running, scale, bias, training=training, axis=axis,
                          momentum=momentum, epsilon=epsilon, where=where, axis_name=axis_name,
                          axis_index_groups=axis_index_groups, dtype=dtype)
-  x = checks.float_input(x, "lp_batch_norm")
-  feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
-  if running is not None:
-    checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "lp_batch_norm")
+  x, feature_axes = bn.checked_input(x, running, axis, "lp_batch_norm")
   if not training:
     return _evaluate(x, running, scale, bias, feature_axes, epsilon, dtype, "lp_batch_norm")
   moments = bn.batch_moments(x, feature_axes, where=where, axis_name=axis_name,

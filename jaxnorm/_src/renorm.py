@@ -214,7 +214,6 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
     >>> y.ravel(), new.step                     # r = 1/2, d = clip(1, -0.5, 0.5)
     (Array([0., 1.], dtype=float32), Array(1, dtype=int32))
   """
-  x = checks.float_input(x, "batch_renorm")
   if running is None:
     raise ValueError("batch_renorm needs the running state, in training too (r and d compare "
                      "the batch with it); pass jaxnorm.init_renorm_stats(num_features) to start")
@@ -224,8 +223,7 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
         f"read), got {type(running).__name__}; start from "
         f"jaxnorm.init_renorm_stats(num_features), or from BatchStats with "
         f"jaxnorm.RenormStats(stats.mean, stats.var, jnp.array(0, jnp.int32))")
-  feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
-  checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), "batch_renorm")
+  x, feature_axes = bn.checked_input(x, running, axis, "batch_renorm")
   if not training:
     y, _ = bn.batch_norm(x, bn.BatchStats(running.mean, running.var), scale, bias,
                          training=False, axis=feature_axes, epsilon=epsilon, dtype=dtype)
