@@ -71,27 +71,13 @@ def time_config(example, processes: int, devices: int, args, out: Path) -> dict[
 
 def collective_counts(example) -> list[tuple[str, str, dict[str, int], dict[str, int]]]:
   """(variant, dataset, per-layer forward collectives, all collectives) on 8 host devices."""
-  import jax
-  import numpy as np
-  from jax.sharding import AxisType, Mesh, NamedSharding
-  from jax.sharding import PartitionSpec as P
+  from jax.sharding import AxisType
   rows = []
   config = example.Config(1, 8, 4, 1, 16, 0.05, 0)
   for variant, axis_type in (("shard_map", AxisType.Explicit), ("jit", AxisType.Explicit),
                              ("jit", AxisType.Auto)):
-    mesh = Mesh(np.array(jax.devices()[:8]), (example.AXIS,), axis_types=(axis_type,))
     for dataset in example.DATASETS:
-      data = example.global_batches(config, dataset)
-      variables = example.initial_variables(config)
-      optimizer = example.optimizer_of(config)
-      step = example.make_step(
-          example.make_loss(config, variant, mesh, masked=dataset == "masked"), optimizer)
-      batch = NamedSharding(mesh, P(example.AXIS))
-      params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
-      hlo = step.lower(params, variables["batch_stats"], optimizer.init(params),
-                       jax.device_put(data["x"][0], batch), jax.device_put(data["y"][0], batch),
-                       jax.device_put(data["valid"][0].astype(np.float32), batch)
-                       ).compile().as_text()
+      hlo = example.compiled_step_text(config, variant, dataset, axis_type)
       per_layer = collections.Counter()
       everything = collections.Counter()
       for line in hlo.splitlines():

@@ -214,6 +214,24 @@ def optimizer_of(config: Config):
 
 
 @functools.cache
+def compiled_step_text(config: Config, variant: str, dataset: str, axis_type) -> str:
+  """The whole training step (forward, backward, update) compiled on 8 host devices, as text.
+
+  What the collective counts are read from (tests/test_multiprocess.py, benchmarks/scaling.py).
+  """
+  mesh = Mesh(np.array(jax.devices()[:8]), (AXIS,), axis_types=(axis_type,))
+  data = global_batches(config, dataset)
+  variables = initial_variables(config)
+  optimizer = optimizer_of(config)
+  step = make_step(make_loss(config, variant, mesh, masked=dataset == "masked"), optimizer)
+  batch = NamedSharding(mesh, P(AXIS))
+  x, y = jax.device_put(data["x"][0], batch), jax.device_put(data["y"][0], batch)
+  weight = jax.device_put(data["valid"][0].astype(np.float32), batch)
+  params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
+  lowered = step.lower(params, variables["batch_stats"], optimizer.init(params), x, y, weight)
+  return lowered.compile().as_text()
+
+
 def train_reference(config: Config, dataset: str) -> dict[str, Any]:
   """Trains on one device, on the valid rows of each global batch concatenated, without masks.
 

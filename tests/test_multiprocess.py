@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tests import reference
@@ -239,19 +239,8 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 
 def compiled_step(variant: str, dataset: str, axis_type):
   """The example's whole training step (forward, backward, update) compiled on 8 devices."""
-  config = example.Config(1, 8, 4, 1, 16, 0.05, 0)
-  mesh = Mesh(np.array(jax.devices()[:8]), (example.AXIS,), axis_types=(axis_type,))
-  data = example.global_batches(config, dataset)
-  variables = example.initial_variables(config)
-  optimizer = example.optimizer_of(config)
-  step = example.make_step(
-      example.make_loss(config, variant, mesh, masked=dataset == "masked"), optimizer)
-  batch = NamedSharding(mesh, P(example.AXIS))
-  x, y = jax.device_put(data["x"][0], batch), jax.device_put(data["y"][0], batch)
-  weight = jax.device_put(data["valid"][0].astype(np.float32), batch)
-  params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
-  lowered = step.lower(params, variables["batch_stats"], optimizer.init(params), x, y, weight)
-  return lowered.compile().as_text()
+  return example.compiled_step_text(example.Config(1, 8, 4, 1, 16, 0.05, 0), variant, dataset,
+                                    axis_type)
 
 
 def per_layer(found: list[tuple[str, str]]) -> dict[str, int]:
