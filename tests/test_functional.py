@@ -309,3 +309,100 @@ def test_moments_over_no_axis_with_a_mask_are_the_valid_values_themselves():
   expected_mean, expected_var, _ = reference.moments(x, (), where)
   np.testing.assert_allclose(mean, expected_mean, rtol=1e-7)
   np.testing.assert_array_equal(var, expected_var)
+
+
+# --- the fused row path (XLA's CPU kernel for 4096 rows and more) --------------------------------
+
+ROW_CASES = {
+    "layer_norm": lambda x, s, b, axes: jaxnorm.layer_norm(x, s, b, reduction_axes=axes,
+                                                           feature_axes=axes),
+    "rms_norm": lambda x, s, b, axes: jaxnorm.rms_norm(x, s, reduction_axes=axes,
+                                                       feature_axes=axes) + b,
+}
+
+
+def float64_row_norm(name, x, s, b, axes):
+  """The textbook formula in float64 (two passes), differentiated by JAX."""
+  if name == "layer_norm":
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-6) * s + b
+  return x / jnp.sqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + 1e-6) * s + b
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("shape,axes", [((4096, 8), (1,)), ((2, 2048, 4, 2), (2, 3))])
+@pytest.mark.parametrize("name", list(ROW_CASES))
+def test_fused_row_path_against_float64(name, shape, axes, offset):
+  """From 4096 rows on CPU the forward and gradient take the fused formulas; same results."""
+  from jaxnorm._src import functional  # pylint: disable=import-outside-toplevel
+  assert functional._fuses_rows(shape, None, axes)  # pylint: disable=protected-access
+  rng = np.random.default_rng(11)
+  x = (rng.standard_normal(shape) * 2 + offset).astype(np.float32)
+  feature_shape = tuple(shape[a] for a in axes)
+  s = (rng.standard_normal(feature_shape) + 1).astype(np.float32)
+  b = rng.standard_normal(feature_shape).astype(np.float32)
+  weights = rng.standard_normal(shape).astype(np.float32)
+
+  def loss(fn, x, s, b):
+    return jnp.sum(weights * fn(x, s, b, axes) ** 2) / x.size
+
+  values = jax.jit(jax.value_and_grad(functools.partial(loss, ROW_CASES[name]), (0, 1, 2)))(
+      x, s, b)
+  y = jax.jit(ROW_CASES[name], static_argnums=3)(x, s, b, axes)
+  with jax.enable_x64(True):
+    args64 = [jnp.asarray(a, jnp.float64) for a in (x, s, b)]
+    ref_fn = functools.partial(float64_row_norm, name)
+    y_ref = ref_fn(*args64, axes)
+    ref = jax.value_and_grad(functools.partial(loss, ref_fn), (0, 1, 2))(*args64)
+  assert reference.max_error(y, y_ref) < 2e-5
+  assert abs(float(values[0]) - float(ref[0])) < 1e-5 * float(ref[0])
+  for got, want in zip(values[1], ref[1]):
+    scale = float(np.max(np.abs(np.asarray(want))))
+    assert reference.max_error(got, want) < 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", list(ROW_CASES))
+def test_fused_row_path_forward_mode_second_order_and_vmap(name):
+  """jvp, Hessian-vector products and vmap through the fused formulas, in float64."""
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((4096, 3)) * 2 + 3)
+    s = jnp.asarray(rng.standard_normal(3) + 1)
+    b = jnp.asarray(rng.standard_normal(3))
+    weights = jnp.asarray(rng.standard_normal(x.shape))
+    fn = ROW_CASES[name]
+    loss = jax.jit(lambda x, s, b: jnp.sum(weights * jnp.sin(fn(x, s, b, (1,)))))
+    ref_loss = lambda x, s, b: jnp.sum(weights * jnp.sin(float64_row_norm(name, x, s, b, (1,))))
+    check_grads(loss, (x, s, b), order=2, modes=["fwd", "rev"], atol=1e-4, rtol=1e-4)
+    hvp = jax.jvp(jax.grad(loss), (x, s, b), (x, s, b))[1]
+    ref_hvp = jax.jvp(jax.grad(ref_loss), (x, s, b), (x, s, b))[1]
+    assert float(jnp.max(jnp.abs(hvp - ref_hvp))) < 1e-8 * float(jnp.max(jnp.abs(ref_hvp)))
+    batch = jnp.stack([x, 2 * x - 1])
+    grads = jax.vmap(jax.grad(loss), (0, None, None))(batch, s, b)
+    ref_grads = jax.vmap(jax.grad(ref_loss), (0, None, None))(batch, s, b)
+    assert float(jnp.max(jnp.abs(grads - ref_grads))) < 1e-8 * float(jnp.max(jnp.abs(ref_grads)))
+
+
+@pytest.mark.parametrize("name", list(ROW_CASES))
+def test_fused_and_general_row_formulas_agree(name):
+  """The CPU kernel's formulas and the general ones give the same values and gradients."""
+  from jaxnorm._src import functional  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((64, 32)) * 3 + 1e3, jnp.float32)
+  s = jnp.asarray(rng.standard_normal(32) + 1, jnp.float32)
+  b = jnp.asarray(rng.standard_normal(32), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def run_formula(fused):
+    if name == "layer_norm":
+      fn = lambda x, s, b: functional._normalize_local(  # pylint: disable=protected-access
+          x, None, s, b, (1,), 1e-6, fused)[0]
+    else:
+      fn = lambda x, s, b: functional._rms_local(  # pylint: disable=protected-access
+          x, None, s, (1,), 1e-6, fused) + b
+    y, vjp = jax.vjp(fn, x, s, b)
+    return (y, *vjp(cot), jax.jvp(fn, (x, s, b), (cot, s, b))[1])
+
+  for got, want in zip(jax.jit(lambda: run_formula(True))(), jax.jit(lambda: run_formula(False))()):
+    assert float(jnp.max(jnp.abs(got - want))) <= 2e-5 * float(jnp.max(jnp.abs(want)))

@@ -7,6 +7,7 @@ Pure functions: statistics come from :mod:`jaxnorm._src.stats`, the output is
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,9 +115,10 @@ def _scaled(xf: Array, moments: stats.Moments, scale: Array | None, bias: Array 
   return (yf if bias is None else yf + bias), xhat
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
 def _normalize_local(xf: Array, where: Array | None, scale: Array | None, bias: Array | None,
-                     axes: tuple[int, ...], epsilon: float) -> tuple[Array, stats.Moments]:
+                     axes: tuple[int, ...], epsilon: float,
+                     fused: bool = False) -> tuple[Array, stats.Moments]:
   """This device's moments of ``xf`` over ``axes``, and ``xf`` normalized, scaled and shifted.
 
   Its derivative is written in closed form (Ioffe and Szegedy 2015): with :math:`\\hat x` the
@@ -128,31 +130,81 @@ def _normalize_local(xf: Array, where: Array | None, scale: Array | None, bias: 
   Transposed for a gradient, that is two sums over the reduced axes and one pass; derived
   through the shifted sums, the gradient plans more bytes (layer norm 8192x1024: 3.75 times
   the minimum instead of 4.0).
+
+  With ``fused`` (unmasked, trailing ``axes``, for XLA's CPU backend: see
+  :func:`_fuses_rows`), the moments are :func:`stats.fused_row_moments`, which XLA computes
+  inside the kernel that writes the output, and the gradient is three fused passes: the input's
+  (reading ``x`` and the cotangent once, its sums over each row in cache), ``scale``'s and
+  ``bias``'s. Layer norm 8192x1024: forward 1.5 times the memory pass instead of 1.7, the
+  training step 2.4 instead of 3.3 (1.5 times the minimum planned bytes instead of 3.5).
   """
-  moments = stats.local_moments(xf, axes, where=where)
+  moments = _local_moments(xf, where, axes, fused)
   return _scaled(xf, moments, scale, bias, epsilon)[0], moments
 
 
+def _local_moments(xf: Array, where: Array | None, axes: tuple[int, ...],
+                   fused: bool) -> stats.Moments:
+  return stats.fused_row_moments(xf, axes) if fused else stats.local_moments(xf, axes,
+                                                                              where=where)
+
+
 @_normalize_local.defjvp
-def _normalize_local_jvp(axes, epsilon, primals, tangents):
+def _normalize_local_jvp(axes, epsilon, fused, primals, tangents):
   xf, where, scale, bias = primals
   dx, _, d_scale, d_bias = tangents
-  moments = stats.local_moments(xf, axes, where=where)
+  moments = _local_moments(xf, where, axes, fused)
   yf, xhat = _scaled(xf, moments, scale, bias, epsilon)
   rstd = lax.rsqrt(moments.var + epsilon)
-  inverse_count = stats._safe_divide(  # pylint: disable=protected-access
-      jnp.ones_like(moments.count), moments.count)
-  valid_dx = dx if where is None else jnp.where(where, dx, 0)
-  d_mean = jnp.sum(valid_dx, axis=axes, keepdims=True) * inverse_count
-  d_spread = jnp.sum(valid_dx * xhat, axis=axes, keepdims=True) * inverse_count
-  dy = (dx - d_mean - xhat * d_spread) * rstd
+  d_xhat, d_mean, d_spread = _standardize_tangent(xf, where, dx, axes, epsilon, fused, moments)
+  dy = d_xhat
   if scale is not None:
-    dy = dy * scale + xhat * d_scale
+    xhat_for_scale = xhat
+    if fused:
+      # x through a barrier: scale's gradient, a sum over the rows, then recomputes xhat in a
+      # fused pass of its own, rather than share one that XLA would write to memory
+      x_again = lax.optimization_barrier(xf)
+      xhat_for_scale = _scaled(x_again, stats.fused_row_moments(x_again, axes), None, None,
+                               epsilon)[1]
+    # (scale through a barrier too, for the same reason: its broadcast would be shared)
+    dy = dy * (lax.optimization_barrier(scale) if fused else scale) + xhat_for_scale * d_scale
   if bias is not None:
     dy = dy + d_bias
   d_moments = stats.Moments(jnp.zeros_like(moments.count), jnp.zeros_like(moments.shift),
                             d_mean, 2 * d_spread / rstd)
   return (yf, moments), (dy, d_moments)
+
+
+def _standardize_tangent(xf: Array, where: Array | None, dx: Array, axes: tuple[int, ...],
+                         epsilon: float, fused: bool, moments: stats.Moments):
+  """The tangent of the standardized input, and those of its mean and half its variance.
+
+  With ``fused``, from moments recomputed on ``x`` through a barrier: the input's gradient is
+  then one fused pass over ``x`` and the cotangent, which shares nothing full-size with the
+  forward output's pass.
+  """
+  if fused:
+    xf, _ = lax.optimization_barrier((xf, moments.var))
+    moments = stats.fused_row_moments(xf, axes)
+  xhat = moments.standardize(xf, epsilon)
+  inverse_count = stats._safe_divide(  # pylint: disable=protected-access
+      jnp.ones_like(moments.count), moments.count)
+  valid_dx = dx if where is None else jnp.where(where, dx, 0)
+  d_mean = jnp.sum(valid_dx, axis=axes, keepdims=True) * inverse_count
+  d_spread = jnp.sum(valid_dx * xhat, axis=axes, keepdims=True) * inverse_count
+  return (dx - d_mean - xhat * d_spread) * lax.rsqrt(moments.var + epsilon), d_mean, d_spread
+
+
+# From this many rows on, XLA's CPU backend compiles a whole row normalization (the reductions of
+# stats.fused_row_moments and the output) into one kernel that reads each row from memory once;
+# below, into several, where the plain sums of stats.local_moments are faster.
+_FUSED_ROWS = 4096
+
+
+def _fuses_rows(shape: tuple[int, ...], where: Array | None, axes: tuple[int, ...]) -> bool:
+  """Whether XLA's CPU backend fuses the normalization over ``axes`` into one kernel."""
+  rows = math.prod(shape[:len(shape) - len(axes)])
+  trailing = axes == tuple(range(len(shape) - len(axes), len(shape)))
+  return where is None and trailing and rows >= _FUSED_ROWS
 
 
 def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
@@ -188,8 +240,13 @@ def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
   scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
   bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
   params = [p for p in (scale, bias) if p is not None]
-  yf, moments = _normalize_local(xf, checks.broadcast_mask(where, x.shape), scale, bias, axes,
-                                 epsilon)
+  where = checks.broadcast_mask(where, x.shape)
+  if _fuses_rows(x.shape, where, axes):
+    yf, moments = lax.platform_dependent(
+        cpu=lambda: _normalize_local(xf, None, scale, bias, axes, epsilon, True),
+        default=lambda: _normalize_local(xf, None, scale, bias, axes, epsilon))
+  else:
+    yf, moments = _normalize_local(xf, where, scale, bias, axes, epsilon)
   return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params))), moments
 
 
@@ -263,10 +320,71 @@ def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Ax
   """
   x = checks.float_input(x, "rms_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
-  ms = stats.mean_square(x, reduction_axes, where=where, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups)
-  yf = x.astype(ms.dtype) * lax.rsqrt(ms + epsilon)
-  return affine(yf, x, scale, None, feature_axes, dtype)
+  axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
+  if axis_name is not None or stats._explicit_shards(x, axes) is not None:  # pylint: disable=protected-access
+    ms = stats.mean_square(x, axes, where=where, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)
+    yf = x.astype(ms.dtype) * lax.rsqrt(ms + epsilon)
+    return affine(yf, x, scale, None, feature_axes, dtype)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
+  scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+  where = checks.broadcast_mask(where, x.shape)
+  if _fuses_rows(x.shape, where, axes):
+    yf = lax.platform_dependent(cpu=lambda: _rms_local(xf, None, scale, axes, epsilon, True),
+                                default=lambda: _rms_local(xf, None, scale, axes, epsilon))
+  else:
+    yf = _rms_local(xf, where, scale, axes, epsilon)
+  return yf.astype(dtype or jnp.result_type(x.dtype, *([] if scale is None else [scale.dtype])))
+
+
+def _rms_standardized(xf: Array, where: Array | None, axes: tuple[int, ...],
+                      epsilon: float) -> tuple[Array, Array, Array]:
+  """``x / sqrt(mean(x**2) + epsilon)`` over the valid elements, its inverse rms and count."""
+  ms = stats.mean_square(xf, axes, where=where)
+  if where is None:
+    count = jnp.full(ms.shape, math.prod(xf.shape[a] for a in axes), xf.dtype)
+  else:
+    count = jnp.sum(jnp.broadcast_to(where, xf.shape), axis=axes, keepdims=True, dtype=xf.dtype)
+  inverse_rms = lax.rsqrt(ms + epsilon)
+  return xf * inverse_rms, inverse_rms, count
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _rms_local(xf: Array, where: Array | None, scale: Array | None, axes: tuple[int, ...],
+               epsilon: float, fused: bool = False) -> Array:
+  """``x / sqrt(mean(x**2) + epsilon) * scale`` with this device's mean over ``axes``.
+
+  Its derivative is written in closed form: with :math:`\\hat x = x / r` and :math:`w` the
+  mask, over the reduced axes,
+
+  .. math:: d\\hat x = \\frac{1}{r}\\Big(dx - \\frac{\\hat x}{n}\\textstyle\\sum w\\,
+     \\hat x\\, dx\\Big).
+
+  With ``fused`` (see :func:`_normalize_local`), the input's and ``scale``'s gradients each
+  recompute :math:`\\hat x` in a fused pass of their own: RMS norm 8192x1024 training step
+  2.3 times the memory pass instead of 3.2.
+  """
+  xhat = _rms_standardized(xf, where, axes, epsilon)[0]
+  return xhat if scale is None else xhat * scale
+
+
+@_rms_local.defjvp
+def _rms_local_jvp(axes, epsilon, fused, primals, tangents):
+  xf, where, scale = primals
+  dx, _, d_scale = tangents
+  xhat = _rms_standardized(xf, where, axes, epsilon)[0]
+  yf = xhat if scale is None else xhat * scale
+  x_in = lax.optimization_barrier((xf, scale))[0] if fused else xf
+  xhat_in, inverse_rms, count = _rms_standardized(x_in, where, axes, epsilon)
+  valid_dx = dx if where is None else jnp.where(where, dx, 0)
+  d_spread = stats._safe_divide(  # pylint: disable=protected-access
+      jnp.sum(valid_dx * xhat_in, axis=axes, keepdims=True), count)
+  dy = (dx - xhat_in * d_spread) * inverse_rms
+  if scale is not None:
+    if fused:  # barriers as in _normalize_local_jvp
+      xhat = _rms_standardized(lax.optimization_barrier(xf), None, axes, epsilon)[0]
+    dy = dy * (lax.optimization_barrier(scale) if fused else scale) + xhat * d_scale
+  return yf, dy
 
 
 def num_groups_for(channels: int, num_groups: int | None, group_size: int | None,
