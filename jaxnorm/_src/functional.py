@@ -77,7 +77,10 @@ def normalize_moments(x: Array, moments: stats.Moments, scale: ArrayLike | None 
   addend = addend - residual * multiplier
   if bias is not None:
     addend = addend + bias
-  yf = _shift_and_scale(xf, moments.shift, moments.mean, multiplier, addend)
+  per_channel = (moments.shift, moments.mean, multiplier, addend)
+  per_channel = lax.platform_dependent(
+      *per_channel, cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a)
+  yf = _shift_and_scale(xf, *per_channel)
   return yf.astype(dtype or jnp.result_type(x.dtype, *(p.dtype for p in params)))
 
 
