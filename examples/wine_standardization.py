@@ -13,7 +13,6 @@ Run: python examples/wine_standardization.py [--quick]
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
