@@ -289,7 +289,7 @@ def calls_for(shape):
   size = 1
   for n in shape:
     size *= n
-  return max(5, min(200, int(2e8 / (size * 4))))
+  return max(10, min(200, int(2e8 / (size * 4))))
 
 
 def measure(cases, rounds, use_torch):
