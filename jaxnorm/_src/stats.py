@@ -251,8 +251,8 @@ def fused_row_moments(xf: Array, axes: tuple[int, ...]) -> Moments:
   rounded mean: shift ``m`` (no gradient) and mean ``r``, the part of the mean that rounding left
   out of ``m``. As accurate as the shifted sums at any offset, and three reductions over each
   row with nothing full-size in between: XLA's CPU backend fuses them with the normalization
-  into one kernel that reads each row from memory once (from 4096 rows up). The derivative is
-  not defined here; callers differentiate their own closed form.
+  into one kernel that reads each row from memory once (from 4096 rows up). Differentiable as
+  written (``m`` carries no gradient); the layers differentiate their closed form instead.
   """
   count = 1
   for a in axes:
