@@ -330,15 +330,18 @@ def float64_row_norm(name, x, s, b, axes):
   return x / jnp.sqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + 1e-6) * s + b
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("offset,spread", [(0.0, 2.0), (1e4, 2.0), (1.0, 1e-3)])
 @pytest.mark.parametrize("shape,axes", [((4096, 8), (1,)), ((2, 2048, 4, 2), (2, 3))])
 @pytest.mark.parametrize("name", list(ROW_CASES))
-def test_fused_row_path_against_float64(name, shape, axes, offset):
-  """From 4096 rows on CPU the forward and gradient take the fused formulas; same results."""
+def test_fused_row_path_against_float64(name, shape, axes, offset, spread):
+  """From 4096 rows on CPU the forward and gradient take the fused formulas; same results.
+
+  (A spread of 1e-3 makes epsilon, 1e-6, matter as much as the variance.)
+  """
   from jaxnorm._src import functional  # pylint: disable=import-outside-toplevel
   assert functional._fuses_rows(shape, None, axes)  # pylint: disable=protected-access
   rng = np.random.default_rng(11)
-  x = (rng.standard_normal(shape) * 2 + offset).astype(np.float32)
+  x = (rng.standard_normal(shape) * spread + offset).astype(np.float32)
   feature_shape = tuple(shape[a] for a in axes)
   s = (rng.standard_normal(feature_shape) + 1).astype(np.float32)
   b = rng.standard_normal(feature_shape).astype(np.float32)
@@ -347,8 +350,10 @@ def test_fused_row_path_against_float64(name, shape, axes, offset):
   def loss(fn, x, s, b):
     return jnp.sum(weights * fn(x, s, b, axes) ** 2) / x.size
 
-  values = jax.jit(jax.value_and_grad(functools.partial(loss, ROW_CASES[name]), (0, 1, 2)))(
-      x, s, b)
+  step = jax.jit(jax.value_and_grad(functools.partial(loss, ROW_CASES[name]), (0, 1, 2)))
+  if jax.default_backend() == "cpu":  # the CPU branch is the one lowered: it has the barriers
+    assert "optimization_barrier" in step.lower(x, s, b).as_text()
+  values = step(x, s, b)
   y = jax.jit(ROW_CASES[name], static_argnums=3)(x, s, b, axes)
   with jax.enable_x64(True):
     args64 = [jnp.asarray(a, jnp.float64) for a in (x, s, b)]
@@ -406,3 +411,24 @@ def test_fused_and_general_row_formulas_agree(name):
 
   for got, want in zip(jax.jit(lambda: run_formula(True))(), jax.jit(lambda: run_formula(False))()):
     assert float(jnp.max(jnp.abs(got - want))) <= 2e-5 * float(jnp.max(jnp.abs(want)))
+
+
+@pytest.mark.parametrize("rows", [8, 4096])
+def test_integer_parameters_differentiate_like_float_ones(rows):
+  """An integer scale or bias is a constant: gradients flow to x as with the float value."""
+  x = jnp.asarray(data((rows, 16), 3.0))
+  for fn in (lambda x, s: jaxnorm.rms_norm(x, s), lambda x, s: jaxnorm.layer_norm(x, s, s)):
+    with_int = jax.grad(lambda x: jnp.sum(jnp.sin(fn(x, 2))))(x)
+    with_float = jax.grad(lambda x: jnp.sum(jnp.sin(fn(x, 2.0))))(x)
+    assert fn(x, 2).dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(with_int), np.asarray(with_float))
+
+
+def test_shape_polymorphic_export_of_row_norms():
+  """A symbolic batch size takes the general formulas; the export runs at any batch size."""
+  from jax import export  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(data((4096, 32), 5.0))
+  spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, 32"), jnp.float32)
+  for fn in (jaxnorm.layer_norm, jaxnorm.rms_norm):
+    exported = export.export(jax.jit(fn))(spec)
+    np.testing.assert_allclose(exported.call(x), fn(x), rtol=1e-5, atol=1e-5)

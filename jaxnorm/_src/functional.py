@@ -205,7 +205,12 @@ _FUSED_ROWS = 4096
 
 
 def _fuses_rows(shape: tuple[int, ...], where: Array | None, axes: tuple[int, ...]) -> bool:
-  """Whether XLA's CPU backend fuses the normalization over ``axes`` into one kernel."""
+  """Whether XLA's CPU backend fuses the normalization over ``axes`` into one kernel.
+
+  Symbolic dimensions (shape-polymorphic export) take the general formulas.
+  """
+  if not all(isinstance(n, int) for n in shape):
+    return False
   rows = math.prod(shape[:len(shape) - len(axes)])
   trailing = axes == tuple(range(len(shape) - len(axes), len(shape)))
   return where is None and trailing and rows >= _FUSED_ROWS
@@ -244,6 +249,7 @@ def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
   scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
   bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
   params = [p for p in (scale, bias) if p is not None]
+  scale, bias = (_inexact(p, xf.dtype) for p in (scale, bias))
   where = checks.broadcast_mask(where, x.shape)
   if _fuses_rows(x.shape, where, axes):
     yf, moments = lax.platform_dependent(
@@ -331,14 +337,23 @@ def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Ax
     yf = x.astype(ms.dtype) * lax.rsqrt(ms + epsilon)
     return affine(yf, x, scale, None, feature_axes, dtype)
   xf = x.astype(checks.reduction_dtype(x.dtype))
-  scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
   where = checks.broadcast_mask(where, x.shape)
+  scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+  dtype = dtype or jnp.result_type(x.dtype, *([] if scale is None else [scale.dtype]))
+  scale = _inexact(scale, xf.dtype)
   if _fuses_rows(x.shape, where, axes):
     yf = lax.platform_dependent(cpu=lambda: _rms_local(xf, None, scale, axes, epsilon, True),
                                 default=lambda: _rms_local(xf, None, scale, axes, epsilon))
   else:
     yf = _rms_local(xf, where, scale, axes, epsilon)
-  return yf.astype(dtype or jnp.result_type(x.dtype, *([] if scale is None else [scale.dtype])))
+  return yf.astype(dtype)
+
+
+def _inexact(param: Array | None, dtype: Any) -> Array | None:
+  """An integer or boolean parameter as ``dtype`` (the closed-form derivatives need floats)."""
+  if param is None or jnp.issubdtype(param.dtype, jnp.inexact):
+    return param
+  return param.astype(dtype)
 
 
 def _rms_standardized(xf: Array, where: Array | None, axes: tuple[int, ...],

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
@@ -242,21 +243,24 @@ def _local_moments(x: ArrayLike, axes: Axes, where: ArrayLike | None,
 
 
 def fused_row_moments(xf: Array, axes: tuple[int, ...]) -> Moments:
-  """Unmasked moments over trailing ``axes`` by the corrected two-pass formula.
+  """Unmasked moments over ``axes`` by a corrected two-pass formula.
 
   .. math:: m = \\frac{1}{n}\\sum_i x_i, \\quad r = \\frac{1}{n}\\sum_i (x_i - m), \\quad
      \\sigma^2 = \\frac{1}{n}\\sum_i \\big((x_i - m) - r\\big)^2
 
-  (Chan, Golub and LeVeque 1983, the corrected two-pass algorithm), returned in the frame of the
-  rounded mean: shift ``m`` (no gradient) and mean ``r``, the part of the mean that rounding left
-  out of ``m``. As accurate as the shifted sums at any offset, and three reductions over each
-  row with nothing full-size in between: XLA's CPU backend fuses them with the normalization
-  into one kernel that reads each row from memory once (from 4096 rows up). Differentiable as
-  written (``m`` carries no gradient); the layers differentiate their closed form instead.
+  The correction of the corrected two-pass algorithm (Chan, Golub and LeVeque 1983), the mean
+  of ``x - m``, is taken out of the deviations before they are squared; the result is returned
+  in the frame of the rounded mean: shift ``m`` (no gradient) and mean ``r``, the part of the
+  mean that rounding left out of ``m``. As accurate as the shifted sums at any offset, and three
+  reductions with nothing full-size in between: over trailing axes, XLA's CPU backend fuses
+  them with the normalization into one kernel that reads each row from memory once (from 4096
+  rows up). Differentiable as written (``m`` carries no gradient); the layers differentiate
+  their closed form instead. With nothing to reduce, the moments are 0.
   """
-  count = 1
-  for a in axes:
-    count *= xf.shape[a]
+  count = math.prod(xf.shape[a] for a in axes)
+  if count == 0:
+    zeros = jnp.zeros_like(jnp.sum(xf, axis=axes, keepdims=True))
+    return Moments(zeros, zeros, zeros, zeros)
   m = lax.stop_gradient(jnp.sum(xf, axis=axes, keepdims=True) / count)
   centred = xf - m
   r = jnp.sum(centred, axis=axes, keepdims=True) / count
