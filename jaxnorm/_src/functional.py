@@ -331,7 +331,8 @@ def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Ax
   x = checks.float_input(x, "rms_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
-  if axis_name is not None or stats._explicit_shards(x, axes) is not None:  # pylint: disable=protected-access
+  sharded = stats._explicit_shards(x, axes) is not None  # pylint: disable=protected-access
+  if axis_name is not None or sharded:
     ms = stats.mean_square(x, axes, where=where, axis_name=axis_name,
                            axis_index_groups=axis_index_groups)
     yf = x.astype(ms.dtype) * lax.rsqrt(ms + epsilon)
