@@ -142,21 +142,23 @@ def _normalize_local(xf: Array, where: Array | None, scale: Array | None, bias: 
   training step 1.5 instead of 3.5 (times the memory pass: 1.6 instead of 1.7, 2.4 instead
   of 3.3).
   """
-  moments = _local_moments(xf, where, axes, fused)
+  moments = _moments_of(xf, where, axes, fused)
   return _scaled(xf, moments, scale, bias, epsilon)[0], moments
 
 
-def _local_moments(xf: Array, where: Array | None, axes: tuple[int, ...],
-                   fused: bool) -> stats.Moments:
-  return stats.fused_row_moments(xf, axes) if fused else stats.local_moments(xf, axes,
-                                                                              where=where)
+def _moments_of(xf: Array, where: Array | None, axes: tuple[int, ...],
+                fused: bool) -> stats.Moments:
+  """The moments :func:`_normalize_local` normalizes with (``fused``: the CPU kernel's)."""
+  if fused:
+    return stats.fused_row_moments(xf, axes)
+  return stats.local_moments(xf, axes, where=where)
 
 
 @_normalize_local.defjvp
 def _normalize_local_jvp(axes, epsilon, fused, primals, tangents):
   xf, where, scale, bias = primals
   dx, _, d_scale, d_bias = tangents
-  moments = _local_moments(xf, where, axes, fused)
+  moments = _moments_of(xf, where, axes, fused)
   yf, xhat = _scaled(xf, moments, scale, bias, epsilon)
   rstd = lax.rsqrt(moments.var + epsilon)
   d_xhat, d_mean, d_spread = _standardize_tangent(xf, where, dx, axes, epsilon, fused, moments)
@@ -360,13 +362,8 @@ def _inexact(param: Array | None, dtype: Any) -> Array | None:
 def _rms_standardized(xf: Array, where: Array | None, axes: tuple[int, ...],
                       epsilon: float) -> tuple[Array, Array, Array]:
   """``x / sqrt(mean(x**2) + epsilon)`` over the valid elements, its inverse rms and count."""
-  ms = stats.mean_square(xf, axes, where=where)
-  if where is None:
-    count = jnp.full(ms.shape, math.prod(xf.shape[a] for a in axes), xf.dtype)
-  else:
-    count = jnp.sum(jnp.broadcast_to(where, xf.shape), axis=axes, keepdims=True, dtype=xf.dtype)
-  inverse_rms = lax.rsqrt(ms + epsilon)
-  return xf * inverse_rms, inverse_rms, count
+  inverse_rms = lax.rsqrt(stats.mean_square(xf, axes, where=where) + epsilon)
+  return xf * inverse_rms, inverse_rms, stats.valid_count(xf.shape, where, axes, xf.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))

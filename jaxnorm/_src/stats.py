@@ -465,6 +465,15 @@ def moments(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
   return mean, var
 
 
+def valid_count(shape: tuple[int, ...], where: Array | None, axes: tuple[int, ...],
+                dtype) -> Array:
+  """Number of valid elements over ``axes`` (kept as size 1): the mask's sum, or the size."""
+  if where is None:
+    kept = tuple(1 if a in axes else n for a, n in enumerate(shape))
+    return jnp.full(kept, math.prod(shape[a] for a in axes), dtype)
+  return jnp.sum(jnp.broadcast_to(where, shape), axis=axes, keepdims=True, dtype=dtype)
+
+
 def mean_square(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
                 axis_name: AxisName | None = None,
                 axis_index_groups: Sequence[Sequence[int]] | None = None) -> Array:
@@ -478,15 +487,9 @@ def mean_square(x: ArrayLike, axes: Axes, *, where: ArrayLike | None = None,
   where = checks.broadcast_mask(where, x.shape)
   xf = x.astype(checks.reduction_dtype(x.dtype))
   squares = xf * xf
-  if where is None:
-    size = 1
-    for a in axes:
-      size *= x.shape[a]
-    total = jnp.sum(squares, axis=axes, keepdims=True)
-    count = jnp.full(total.shape, size, xf.dtype)
-  else:
-    total = jnp.sum(jnp.where(where, squares, 0), axis=axes, keepdims=True)
-    count = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True, dtype=xf.dtype)
+  total = jnp.sum(squares if where is None else jnp.where(where, squares, 0), axis=axes,
+                  keepdims=True)
+  count = valid_count(x.shape, where, axes, xf.dtype)
   if axis_name is not None:
     count, total = lax.psum(jnp.stack([count, total]), axis_name,
                             axis_index_groups=axis_index_groups)
