@@ -1,9 +1,13 @@
 """Float64 NumPy references, written independently of jaxnorm's implementation.
 
 They use the textbook two-pass formulas in float64, on the same (rounded) input values that the
-code under test receives.
+code under test receives. :func:`import_torch` brings in PyTorch, the other independent
+reference, for the tests that compare with it.
 """
+import os
+
 import numpy as np
+import pytest
 
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2, "float64": 1e-10}
 
@@ -60,3 +64,25 @@ def relative_error(actual, expected, where=None):
   expected = np.asarray(expected, np.float64)
   scale = 1 + np.abs(expected)
   return max_error(np.asarray(actual, np.float64) / scale, expected / scale, where)
+
+
+TORCH_REQUIREMENT = "torch==2.13.0"  # the Makefile's TORCH: a CPU build on the project's machines
+
+
+def import_torch():
+  """PyTorch, for a test module's comparisons: a skip where it is absent, a failure under CI.
+
+  Outside CI, a missing PyTorch skips the calling module with a note. Under ``CI=true`` it is an
+  error instead, so that CI cannot pass without having run the PyTorch comparisons. Call it at
+  module level, where ``pytest.importorskip`` would go.
+  """
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch
+  except ImportError as error:
+    missing = str(error)  # reported outside the handler, without the ImportError's traceback
+  if os.environ.get("CI") == "true":
+    pytest.fail(f"PyTorch is required under CI=true: pip install {TORCH_REQUIREMENT} ({missing})",
+                pytrace=False)
+  pytest.skip(f"PyTorch is not installed ({missing}): pip install {TORCH_REQUIREMENT} to run the "
+              f"comparisons with it", allow_module_level=True)

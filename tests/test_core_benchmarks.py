@@ -2,15 +2,21 @@
 
 No timing is asserted: only that the scripts run, print what they promise, and that the accuracy
 table shows what the issue asks (jaxnorm within 1e-4 of float64 at every offset, flax's default
-far off from 1e4).
+far off from 1e4). flax's side is a test of what flax should do, marked as an expected failure
+(non-strict) with the defect of the version pinned in constraints.txt, so that an upstream fix
+does not fail the suite.
 """
+import contextlib
 import importlib.util
+import io
 import math
 import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -22,10 +28,18 @@ def load(name):
   return module
 
 
-def test_accuracy_quick_table(capsys):
+@pytest.fixture(scope="module")
+def accuracy_quick():
+  """benchmarks/accuracy.py --quick, run once for the tests below: its tables and its output."""
   accuracy = load("accuracy")
-  results = accuracy.main(["--quick"])
-  out = capsys.readouterr().out
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    results = accuracy.main(["--quick"])
+  return results, out.getvalue()
+
+
+def test_accuracy_quick_table(accuracy_quick):
+  results, out = accuracy_quick
   assert out.count("| float32 | 1e") == 24 and out.count("| bfloat16 | 1e") == 24, out
   for kind in ("LayerNorm", "LayerNorm rows", "BatchNorm"):
     table = results[kind]
@@ -34,8 +48,17 @@ def test_accuracy_quick_table(capsys):
     for (dtype, offset), row in table.items():
       assert row["jaxnorm reduce_moments"] < 1e-4, (kind, dtype, offset, row)
       assert row["jaxnorm layer"] < 1e-4, (kind, dtype, offset, row)
-    assert table[("float32", 1e4)]["flax default"] > 1, table  # the defect it shows
-    assert table[("float32", 1e6)]["flax two-pass"] > 1e-2, table
+
+
+@pytest.mark.xfail(strict=False, raises=AssertionError,
+                   reason="flax 0.12.8 defect: the default (fast variance) is off by more than 1 "
+                   "at offset 1e4 and the two-pass variance by more than 1e-2 at 1e6, in float32")
+def test_accuracy_quick_table_flax_within_1e_4_where_jaxnorm_is(accuracy_quick):
+  results, _ = accuracy_quick
+  for kind in ("LayerNorm", "LayerNorm rows", "BatchNorm"):
+    table = results[kind]
+    assert table[("float32", 1e4)]["flax default"] < 1e-4, (kind, table)
+    assert table[("float32", 1e6)]["flax two-pass"] < 1e-4, (kind, table)
 
 
 def test_stats_cost_quick_table():

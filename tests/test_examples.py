@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -26,13 +28,31 @@ def test_quickstart_trains_and_standardizes_far_from_zero():
   assert losses[-1] < losses[0] / 10, out
 
 
-def test_swap_flax_batchnorm_keeps_checkpoint_and_fixes_far_data():
-  out = run_example("swap_flax_batchnorm.py", "--quick")
+@pytest.fixture(scope="module")
+def swap_flax_batchnorm():
+  """The output of examples/swap_flax_batchnorm.py --quick, run once for the tests below."""
+  return run_example("swap_flax_batchnorm.py", "--quick")
+
+
+def far_data_stds(out):
+  """The example's BatchNorm output std on data around 1e4: flax's, jaxnorm's."""
+  return map(float, re.search(r"flax ([\d.e+-]+), jaxnorm ([\d.e+-]+)", out).groups())
+
+
+def test_swap_flax_batchnorm_keeps_checkpoint_and_fixes_far_data(swap_flax_batchnorm):
+  out = swap_flax_batchnorm
   difference = float(re.search(r"max \|output difference\| ([\d.e+-]+)", out).group(1))
   assert difference < 1e-4, out
-  flax_std, jaxnorm_std = map(float, re.search(
-      r"flax ([\d.e+-]+), jaxnorm ([\d.e+-]+)", out).groups())
-  assert abs(jaxnorm_std - 1) < 0.01 and abs(flax_std - 1) > 1, out
+  _, jaxnorm_std = far_data_stds(out)
+  assert abs(jaxnorm_std - 1) < 0.01, out
+
+
+@pytest.mark.xfail(strict=False, raises=AssertionError,
+                   reason="flax 0.12.8 defect: BatchNorm's fast variance E[x^2] - E[x]^2 cancels "
+                   "on data around 1e4: output std about 200 where 1 is right")
+def test_swap_flax_batchnorm_flax_std_1_on_far_data(swap_flax_batchnorm):
+  flax_std, _ = far_data_stds(swap_flax_batchnorm)
+  assert abs(flax_std - 1) < 0.01, swap_flax_batchnorm
 
 
 def test_sync_batchnorm_shard_map_equals_one_device():

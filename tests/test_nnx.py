@@ -39,6 +39,17 @@ LAYERS = {
 FLAX_COMPARABLE = [n for n in LAYERS if n != "LayerNorm_two_axes"]  # flax: one feature axis
 
 
+def flax_defect(what):
+  """Marks a test asserting what flax.nnx should do: today it fails, for ``what``.
+
+  Non-strict, so that an upstream fix passes (XPASS) without failing the suite; the version is
+  the one pinned in constraints.txt. ``raises=AssertionError`` keeps any other error (a mistake
+  in the test itself) a failure.
+  """
+  return pytest.mark.xfail(strict=False, raises=AssertionError,
+                           reason=f"flax 0.12.8 defect: {what}")
+
+
 def data(shape, offset=2.0, seed=0, dtype=np.float32):
   return (np.random.default_rng(seed).standard_normal(shape) * 1.5 + offset).astype(dtype)
 
@@ -146,7 +157,8 @@ def test_output_matches_float64_reference_at_large_offset(name):
     expected = reference.rms_norm(x, LAYERS[name][2])
   else:
     expected = reference.standardize(x, LAYERS[name][2])
-  assert reference.max_error(y, expected) < 2e-3  # flax.nnx: errors of hundreds here
+  # error at most 9.2e-7 here (BatchNorm_axis1; the others 1.6e-7 to 5e-7); flax.nnx: inf
+  assert reference.max_error(y, expected) < 1e-5
 
 
 @pytest.mark.parametrize("name", FLAX_COMPARABLE)
@@ -168,11 +180,18 @@ def ours_var_before(name):
   return randomize(nnx_layer(jnnx, name)).var[...]
 
 
-def test_flax_nnx_batch_norm_fails_at_offset_1e4_and_jaxnorm_does_not():
+def test_batch_norm_at_offset_1e4_has_output_std_1():
   x = data((64, 4), offset=1e4, seed=5)
-  ours, theirs = jnnx.BatchNorm(4, epsilon=0.0), nnx.BatchNorm(4, epsilon=0.0, rngs=nnx.Rngs(0))
+  ours = jnnx.BatchNorm(4, epsilon=0.0)
   assert abs(float(np.std(ours(x))) - 1) < 1e-3
-  assert not abs(float(np.std(theirs(x))) - 1) < 0.1  # E[x^2] - E[x]^2: wrong, even inf
+
+
+@flax_defect("nnx.BatchNorm's fast variance E[x^2] - E[x]^2 cancels at offset 1e4: +-inf "
+             "outputs in one channel (output std NaN)")
+def test_flax_nnx_batch_norm_at_offset_1e4_has_output_std_1():
+  x = data((64, 4), offset=1e4, seed=5)
+  theirs = nnx.BatchNorm(4, epsilon=0.0, rngs=nnx.Rngs(0))
+  assert abs(float(np.std(theirs(x))) - 1) < 1e-3
 
 
 def test_gradients_match_linen():
@@ -299,27 +318,41 @@ def test_errors_name_the_fix():
 # -- bfloat16 ------------------------------------------------------------------------------------
 
 
-def test_bfloat16_keeps_running_statistics_in_float32_flax_does_not():
-  x = np.full((4, 1), 301.3, np.float32)
-  ours = jnnx.BatchNorm(1, dtype=jnp.bfloat16, use_running_average=True, epsilon=0.0)
-  theirs = nnx.BatchNorm(1, dtype=jnp.bfloat16, use_running_average=True, epsilon=0.0,
-                         rngs=nnx.Rngs(0))
-  for layer in (ours, theirs):
-    layer.mean[...] = jnp.array([300.3], jnp.float32)
-  y_ours, y_theirs = ours(x), theirs(x)
-  assert y_ours.dtype == y_theirs.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y_ours, np.float32), 1.0, rtol=1e-2)
-  # flax casts the running mean (300.3 -> 300) and the input (301.3 -> 302) to bfloat16
-  np.testing.assert_allclose(np.asarray(y_theirs, np.float32), 2.0)
+def bfloat16_eval(module, **rngs):
+  """Output of a bfloat16 BatchNorm in evaluation, running mean 300.3 and var 1, at 301.3."""
+  layer = module.BatchNorm(1, dtype=jnp.bfloat16, use_running_average=True, epsilon=0.0, **rngs)
+  layer.mean[...] = jnp.array([300.3], jnp.float32)
+  return layer(np.full((4, 1), 301.3, np.float32))
 
-  rows = np.array([[300.2], [300.4]], np.float32)
-  ours = jnnx.BatchNorm(1, dtype=jnp.bfloat16, momentum=0.0)
-  theirs = nnx.BatchNorm(1, dtype=jnp.bfloat16, momentum=0.0, rngs=nnx.Rngs(0))
-  ours(rows)
-  theirs(rows)
+
+def bfloat16_trained(module, **rngs):
+  """A bfloat16 BatchNorm (momentum 0) after one float32 batch of mean 300.3."""
+  layer = module.BatchNorm(1, dtype=jnp.bfloat16, momentum=0.0, **rngs)
+  layer(np.array([[300.2], [300.4]], np.float32))
+  return layer
+
+
+def test_bfloat16_keeps_running_statistics_in_float32():
+  y_ours = bfloat16_eval(jnnx)
+  assert y_ours.dtype == bfloat16_eval(nnx, rngs=nnx.Rngs(0)).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y_ours, np.float32), 1.0, rtol=1e-2)
+  ours = bfloat16_trained(jnnx)
   assert ours.mean[...].dtype == jnp.float32
   np.testing.assert_allclose(ours.mean[...], 300.3, rtol=1e-7)
-  assert abs(float(theirs.mean[...][0]) - 300.3) > 0.2  # statistics of the bfloat16 input
+
+
+@flax_defect("a bfloat16 nnx.BatchNorm casts the running mean (300.3 -> 300) and the input "
+             "(301.3 -> 302) to bfloat16 in evaluation: output 2.0 where 1.0 is right")
+def test_flax_nnx_bfloat16_evaluation_uses_the_float32_running_mean():
+  y_theirs = bfloat16_eval(nnx, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(y_theirs, np.float32), 1.0, rtol=1e-2)
+
+
+@flax_defect("a bfloat16 nnx.BatchNorm takes its batch statistics of the input cast to "
+             "bfloat16: running mean 300.0 where 300.3 is right")
+def test_flax_nnx_bfloat16_running_mean_of_float32_input_is_exact():
+  theirs = bfloat16_trained(nnx, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(theirs.mean[...], 300.3, rtol=1e-7)
 
 
 # -- training with nnx.Optimizer and optax -------------------------------------------------------

@@ -9,11 +9,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jaxnorm
+from tests import reference
 
-torch = pytest.importorskip("torch")
+torch = reference.import_torch()  # skips where PyTorch is absent; under CI=true, fails instead
 F = torch.nn.functional
 
 
