@@ -11,10 +11,10 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,examples]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,examples]'
 	-$(PY) -m pip install -q $(TORCH) || echo "PyTorch not installed: its comparisons will be skipped"
 	touch $@
 
