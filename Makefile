@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py --out outputs/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/speed.py --readme

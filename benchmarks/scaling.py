@@ -1,15 +1,15 @@
 """Time per training step of synchronized BatchNorm from 1 to 8 host devices and 1 to 2 processes.
 
-Trains the model of ``examples/multiprocess_train.py`` (BatchNorm on the inputs, a hidden layer
-with BatchNorm, a linear output) on a fixed global batch spread over ``processes x devices``
-host CPU devices, under ``jax.shard_map`` with ``axis_name`` and under sharded ``jit`` over an
-Explicit mesh, on full and on masked batches; beside it, the same ``shard_map`` step with
-``flax.linen.BatchNorm(axis_name=...)`` (one pmean of per-device means a layer) and with no
+Times the training step of ``examples/multiprocess_train.py`` (BatchNorm on the inputs, a hidden
+layer with BatchNorm, a linear output) on a fixed global batch spread over ``processes x
+devices`` host CPU devices, under ``jax.shard_map`` with ``axis_name`` and under sharded ``jit``
+over an Explicit mesh, on full and on masked batches; beside it, the same ``shard_map`` step
+with ``flax.linen.BatchNorm(axis_name=...)`` (one pmean of per-device means a layer) and with no
 norm at all, and one all_gather of a layer's statistics alone. Two processes talk through
-``jax.distributed`` over loopback with gloo collectives. Each configuration runs in fresh
-worker processes; the figure is the median over the timed steps (after the step that compiles)
-of the slowest process, and the configurations take turns over ``--rounds`` rounds (median of
-rounds).
+``jax.distributed`` over loopback with gloo collectives. Each configuration runs in fresh worker
+processes, started by the launcher in ``tests/multiprocess_harness.py``; the figure is the
+median over the timed steps (after the step that compiles) of the slowest process, and the
+configurations take turns over ``--rounds`` rounds (median of rounds).
 
 Beside the times: the collectives of the compiled training step on 8 host devices, per
 normalization layer and in all (deterministic, unlike the times).
@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -38,29 +36,27 @@ GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thre
                   "glibc.malloc.arena_max=1")
 CONFIGS = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 4)]  # (processes, devices each)
 QUICK_CONFIGS = [(1, 1), (1, 2), (2, 1), (2, 2)]
-COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|collective-permute|"
-                        r"all-to-all|collective-broadcast)(?:-start)?\(")
 
 
-def load_example():
-  path = ROOT / "examples" / "multiprocess_train.py"
-  spec = importlib.util.spec_from_file_location("multiprocess_train", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+def import_harness():
+  """tests/multiprocess_harness.py: the launcher and the worker; imports JAX, so call it after
+  the environment is set."""
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  from tests import multiprocess_harness
+  return multiprocess_harness
 
 
-def time_config(example, processes: int, devices: int, args, out: Path) -> dict[str, float]:
+def time_config(harness, processes: int, devices: int, args, out: Path) -> dict[str, float]:
   """Seconds per step of every variant and dataset for one configuration (slowest process)."""
   total = processes * devices
   argv = ["--num-processes", str(processes), "--devices-per-process", str(devices),
           "--rows-per-device", str(args.global_batch // total), "--hidden", str(args.hidden),
-          "--steps", "2", "--timing-steps", str(args.steps), "--out", str(out),
+          "--steps", "0", "--timing-steps", str(args.steps), "--out", str(out),
           "--job-timeout", "300", "--skip-dataset-stats",
           "--peer-norms", "flax", "none"]
-  job = example.parse_args(argv)
-  codes = example.run_job(job)
+  job = harness.parse_args(argv)
+  codes = harness.run_job(job)
   if any(code != 0 for code in codes):
     logs = "\n".join((out / f"worker{i}.log").read_text()[-2000:] for i in range(processes))
     raise RuntimeError(f"{processes} x {devices}: workers exited with {codes}\n{logs}")
@@ -69,26 +65,21 @@ def time_config(example, processes: int, devices: int, args, out: Path) -> dict[
   return {key: max(t[key] for t in timings) for key in timings[0]}
 
 
-def collective_counts(example) -> list[tuple[str, str, dict[str, int], dict[str, int]]]:
+def collective_counts(harness) -> list[tuple[str, str, dict[str, int], dict[str, int]]]:
   """(variant, dataset, per-layer forward collectives, all collectives) on 8 host devices."""
   from jax.sharding import AxisType
   rows = []
-  config = example.Config(1, 8, 4, 1, 16, 0.05, 0)
+  config = harness.Config(1, 8, 4, 1, 16, 0.05, 0)
   for variant, axis_type in (("shard_map", AxisType.Explicit), ("jit", AxisType.Explicit),
                              ("jit", AxisType.Auto)):
-    for dataset in example.DATASETS:
-      hlo = example.compiled_step_text(config, variant, dataset, axis_type)
+    for dataset in harness.DATASETS:
+      found = harness.collectives(harness.compiled_step_text(config, variant, dataset, axis_type))
+      everything = collections.Counter(kind for kind, _ in found)
       per_layer = collections.Counter()
-      everything = collections.Counter()
-      for line in hlo.splitlines():
-        match = COLLECTIVE.search(line)
-        if not match:
-          continue
-        everything[match.group(1)] += 1
-        name = re.search(r'op_name="([^"]*)"', line)
-        layer = re.search(r"/(BatchNorm_\d+)/", name.group(1) if name else "")
-        if layer and "transpose(" not in name.group(1):
-          per_layer[f"{layer.group(1)} {match.group(1)}"] += 1
+      for kind, name in found:
+        layer = harness.forward_layer(name)
+        if layer:
+          per_layer[f"{layer} {kind}"] += 1
       label = f"{variant} ({'explicit' if axis_type == AxisType.Explicit else 'auto'} mesh)"
       rows.append((label, dataset, dict(per_layer), dict(everything)))
   return rows
@@ -114,19 +105,18 @@ def main(argv=None) -> int:
   import jax
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", 8)
-  example = load_example()
+  harness = import_harness()
 
   samples: dict[tuple[int, int], list[dict[str, float]]] = collections.defaultdict(list)
   with tempfile.TemporaryDirectory(prefix="jaxnorm-scaling-") as tmp:
     for round_index in range(rounds):
       for processes, devices in configs:
         out = Path(tmp) / f"r{round_index}-{processes}x{devices}"
-        samples[(processes, devices)].append(time_config(example, processes, devices, args, out))
+        samples[(processes, devices)].append(time_config(harness, processes, devices, args, out))
 
-  keys = ([f"{v}-{d}" for v in example.VARIANTS for d in example.DATASETS]
-          + ["flax:shard_map-full", "none:shard_map-full", "all_gather"])
+  keys = harness.timing_keys()
   print(f"# Synchronized BatchNorm: time per training step (ms), global batch "
-        f"{args.global_batch} x {example.FEATURES} features, hidden {args.hidden}, 2 BatchNorm "
+        f"{args.global_batch} x {harness.FEATURES} features, hidden {args.hidden}, 2 BatchNorm "
         f"layers, SGD; all_gather: one norm layer's statistics gathered alone")
   print(f"\nMedian over {args.steps} steps and {rounds} round(s), slowest process; "
         f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}.\n")
@@ -140,7 +130,7 @@ def main(argv=None) -> int:
   print("\n# Collectives in the compiled training step on 8 host devices\n")
   print("| step | data | per norm layer (forward) | whole step (forward, backward, update) |")
   print("|---|---|---|---|")
-  for label, dataset, per_layer, everything in collective_counts(example):
+  for label, dataset, per_layer, everything in collective_counts(harness):
     layer_text = ", ".join(f"{k}: {v}" for k, v in sorted(per_layer.items())) or "-"
     all_text = ", ".join(f"{k}: {v}" for k, v in sorted(everything.items()))
     print(f"| {label} | {dataset} | {layer_text} | {all_text} |")
