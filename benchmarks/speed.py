@@ -10,7 +10,12 @@ Every library runs in a worker process of its own (PyTorch's OpenMP threads and 
 against each other in one), the workers take turns round by round, and each figure is the median
 over rounds of the per-round ratio to the same worker's memory pass.
 
+With ``--baseline DIR`` a third worker imports jaxnorm from ``DIR`` (another checkout, e.g.
+``git worktree add /tmp/before HEAD~1``) and times it in the same rounds: the table then shows
+both versions side by side, with their ratio and both planned-byte counts.
+
 Run: python benchmarks/speed.py [--quick] [--rounds 5] [--only layer_norm,...] [--readme]
+     [--baseline DIR]
 """
 from __future__ import annotations
 
@@ -145,6 +150,8 @@ def jax_worker():
     reply = {}
     if key not in cache:
       functions = jax_functions(*key)
+      if os.environ.get("JAXNORM_BENCH_ROLE") == "baseline":  # another checkout's jaxnorm
+        functions = {"memory": functions["memory"], "baseline": functions["jaxnorm"]}
       info = {}
       for name, (fn, args) in functions.items():
         start = time.perf_counter()
@@ -262,11 +269,14 @@ def time_interleaved(functions, calls):
 
 
 class Worker:
-  def __init__(self, kind):
+  def __init__(self, kind, baseline=None):
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES, OMP_WAIT_POLICY="PASSIVE")
+    if baseline:
+      env.update(JAXNORM_BENCH_ROLE="baseline", PYTHONPATH=os.path.abspath(baseline))
     self.process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", kind], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, text=True, env=env,
+        cwd=os.path.abspath(baseline) if baseline else None)
 
   def ask(self, op, shape, mode, calls):
     self.process.stdin.write(json.dumps({"op": op, "shape": shape, "mode": mode,
@@ -297,8 +307,10 @@ def calls_for(shape):
   return max(10, min(200, int(2e8 / (size * 4))))
 
 
-def measure(cases, rounds, use_torch):
+def measure(cases, rounds, use_torch, baseline=None):
   workers = {"jax": Worker("jax")}
+  if baseline:
+    workers["baseline"] = Worker("jax", baseline)
   if use_torch:
     workers["torch"] = Worker("torch")
   results = []
@@ -318,7 +330,7 @@ def measure(cases, rounds, use_torch):
               if name != "memory":
                 ratios.setdefault(name, []).append(seconds / times["memory"])
             ratios.setdefault(f"{kind}:memory_ms", []).append(1e3 * times["memory"])
-        if len(ratios) <= 1 + use_torch:  # nothing but memory passes: op has no backward here
+        if len(ratios) <= len(workers):  # nothing but memory passes: op has no backward here
           continue
         results.append({"op": op, "shape": shape, "mode": mode, "info": info,
                         **{k: statistics.median(v) for k, v in ratios.items()}})
@@ -331,6 +343,24 @@ def measure(cases, rounds, use_torch):
 
 def element_bytes(op):
   return 1 if op == "standardize_uint8" else 4
+
+
+def baseline_table(results):
+  """jaxnorm against the ``--baseline`` checkout, measured in the same rounds."""
+  lines = ["| op | shape | pass | before × mem | after × mem | after / before | "
+           "XLA bytes / min before | after |", "|---" * 8 + "|"]
+  for r in results:
+    size = 1
+    for n in r["shape"]:
+      size *= n
+    minimum = size * (element_bytes(r["op"]) + 4) if r["mode"] == "fwd" else 16 * size
+    planned = [r["info"].get(key, {}).get("bytes") for key in ("baseline:baseline", "jax:jaxnorm")]
+    planned = [f"{p / minimum:.2f}" if p else "-" for p in planned]
+    lines.append(
+        f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['mode']} | {r['baseline']:.2f} | "
+        f"{r['jaxnorm']:.2f} | {r['jaxnorm'] / r['baseline']:.2f} | {planned[0]} | "
+        f"{planned[1]} |")
+  return "\n".join(lines)
 
 
 def table(results):
@@ -389,6 +419,8 @@ def main(argv=None):
   parser.add_argument("--only", default="", help="comma-separated ops")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+  parser.add_argument("--baseline", metavar="DIR",
+                      help="also time the jaxnorm of this checkout, side by side")
   args = parser.parse_args(argv)
   if args.worker == "jax":
     return jax_worker()
@@ -402,7 +434,7 @@ def main(argv=None):
     print("PyTorch " + ("left out (--no-torch)" if args.no_torch else "is not installed")
           + ": its column is left empty (pip install torch==2.13.0 for a CPU build)",
           file=sys.stderr)
-  results = measure(cases, 1 if args.quick else args.rounds, use_torch)
+  results = measure(cases, 1 if args.quick else args.rounds, use_torch, args.baseline)
   text = (f"Multiples of a plain memory pass (lower is better; medians of per-round ratios over "
           f"{1 if args.quick else args.rounds} rounds), measured on {machine()}. Where jaxnorm "
           f"chooses its frame at run time (batch, group and instance norm; layer norm below "
@@ -411,6 +443,9 @@ def main(argv=None):
           f"machine is shared: ratios move by 10 to 20% from run to run, more at 4096x4096.\n\n"
           + table(results))
   print(text)
+  if args.baseline:
+    print(f"\nAgainst the jaxnorm of {args.baseline}, in the same rounds:\n\n"
+          + baseline_table(results))
   if args.readme:
     update_readme(text)
   return results

@@ -6,6 +6,7 @@ from jaxnorm._src.batch_norm import update_batch_stats
 from jaxnorm._src.batch_norm_variants import ghost_batch_norm
 from jaxnorm._src.batch_norm_variants import lp_batch_norm
 from jaxnorm._src.dataset_stats import Stats
+from jaxnorm._src.dispatch import kernels
 from jaxnorm._src.dataset_stats import device_stats
 from jaxnorm._src.dataset_stats import fit_stats
 from jaxnorm._src.dataset_stats import merge_across_processes
@@ -32,11 +33,14 @@ from jaxnorm._src.scalers import pixels_to_unit
 from jaxnorm._src.scalers import rescale
 from jaxnorm._src.scalers import robust
 from jaxnorm._src.scalers import standardize
-from jaxnorm._src.stats import Moments
-from jaxnorm._src.stats import moments
-from jaxnorm._src.stats import reduce_moments
+from jaxnorm._src.moments import Moments
+from jaxnorm._src.moments import moments
+from jaxnorm._src.moments import reduce_moments
 from jaxnorm._src.stats_io import load_stats
 from jaxnorm._src.stats_io import save_stats
+
+# The backend fast paths register themselves with the dispatch.
+import jaxnorm._src.fast  # pylint: disable=unused-import
 
 __version__ = "0.1.0"
 
@@ -58,6 +62,7 @@ __all__ = (
     "init_batch_stats",
     "init_renorm_stats",
     "instance_norm",
+    "kernels",
     "inverse_minmax",
     "inverse_rescale",
     "inverse_robust",

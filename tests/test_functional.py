@@ -320,8 +320,8 @@ def test_fused_row_path_against_float64(name, shape, axes, offset, spread):
 
   (A spread of 1e-3 makes epsilon, 1e-6, matter as much as the variance.)
   """
-  from jaxnorm._src import functional  # pylint: disable=import-outside-toplevel
-  assert functional._fuses_rows(shape, None, axes)  # pylint: disable=protected-access
+  from jaxnorm._src.fast import xla  # pylint: disable=import-outside-toplevel
+  assert xla.fuses_rows(shape, None, axes)
   rng = np.random.default_rng(11)
   x = (rng.standard_normal(shape) * spread + offset).astype(np.float32)
   feature_shape = tuple(shape[a] for a in axes)
@@ -374,7 +374,7 @@ def test_fused_row_path_forward_mode_second_order_and_vmap(name):
 @pytest.mark.parametrize("name", list(ROW_CASES))
 def test_fused_and_general_row_formulas_agree(name):
   """The CPU kernel's formulas and the general ones give the same values and gradients."""
-  from jaxnorm._src import functional  # pylint: disable=import-outside-toplevel
+  from jaxnorm._src.fast import xla  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((64, 32)) * 3 + 1e3, jnp.float32)
   s = jnp.asarray(rng.standard_normal(32) + 1, jnp.float32)
@@ -383,10 +383,10 @@ def test_fused_and_general_row_formulas_agree(name):
 
   def run_formula(fused):
     if name == "layer_norm":
-      fn = lambda x, s, b: functional._normalize_local(  # pylint: disable=protected-access
+      fn = lambda x, s, b: xla._normalize_local(  # pylint: disable=protected-access
           x, None, s, b, (1,), 1e-6, fused)[0]
     else:
-      fn = lambda x, s, b: functional._rms_local(  # pylint: disable=protected-access
+      fn = lambda x, s, b: xla._rms_local(  # pylint: disable=protected-access
           x, None, s, (1,), 1e-6, fused) + b
     y, vjp = jax.vjp(fn, x, s, b)
     return (y, *vjp(cot), jax.jvp(fn, (x, s, b), (cot, s, b))[1])

@@ -368,22 +368,22 @@ def test_batch_stats_without_a_step_is_an_error_naming_init_renorm_stats():
 
 
 def test_evaluation_is_batch_norm_evaluation(monkeypatch):
-  """The evaluation branch lives once, in batch_norm: batch_renorm calls it."""
+  """The evaluation branch lives once, in the batch-norm skeleton: batch_renorm calls it."""
   from jaxnorm._src import batch_norm as bn  # pylint: disable=import-outside-toplevel
   calls = []
-  original = bn.batch_norm
+  original = bn.batch_norm_family
 
   def recorded(*args, **kwargs):
     calls.append(kwargs["training"])
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(bn, "batch_norm", recorded)
+  monkeypatch.setattr(bn, "batch_norm_family", recorded)
   x = data((6, 3), 2.0)
   running = jaxnorm.RenormStats(jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0, 6.0]),
                                 jnp.array(3, jnp.int32))
   y, same = jaxnorm.batch_renorm(x, running, jnp.full(3, 2.0), jnp.ones(3), training=False)
   assert calls == [False] and same is running
-  np.testing.assert_array_equal(y, original(x, jaxnorm.BatchStats(running.mean, running.var),
+  np.testing.assert_array_equal(y, jaxnorm.batch_norm(x, jaxnorm.BatchStats(running.mean, running.var),
                                             jnp.full(3, 2.0), jnp.ones(3), training=False)[0])
 
 
@@ -453,3 +453,19 @@ def test_random_shapes_and_masks_match_float64_reference(batch, length, channels
   np.testing.assert_allclose(new.mean, new_mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(new.var, new_var, rtol=1e-4)
   assert int(new.step) == 3
+
+
+def test_batch_norm_checkpoint_loads_into_batch_renorm():
+  """A BatchNorm checkpoint (no batch_stats/step) evaluates in BatchRenorm as in BatchNorm, and
+  training it from there starts the step at 0."""
+  x = data((8, 3), 5.0)
+  variables = jnn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+  _, updates = jnn.BatchNorm(use_running_average=False).apply(variables, x,
+                                                              mutable=["batch_stats"])
+  checkpoint = {**variables, **updates}
+  y_renorm = jnn.BatchRenorm(use_running_average=True).apply(checkpoint, x)
+  y_bn = jnn.BatchNorm(use_running_average=True).apply(checkpoint, x)
+  np.testing.assert_array_equal(y_renorm, y_bn)
+  _, trained = jnn.BatchRenorm(use_running_average=False).apply(checkpoint, x,
+                                                                mutable=["batch_stats"])
+  assert int(trained["batch_stats"]["step"]) == 1

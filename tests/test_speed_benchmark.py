@@ -31,3 +31,21 @@ def test_speed_quick_table():
     assert planned >= 0.9, row  # XLA plans at least the minimum bytes
     if cells[0] != "standardize":
       assert math.isfinite(float(cells[4])), row  # flax's column is filled
+
+
+def test_speed_baseline_table_side_by_side():
+  """--baseline times another checkout's jaxnorm in the same rounds; the same checkout as its
+  own baseline plans the same bytes."""
+  result = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "speed.py"), "--quick", "--no-torch", "--only",
+       "layer_norm", "--baseline", str(BENCHMARKS.parent)],
+      capture_output=True, text=True, timeout=600, cwd=BENCHMARKS.parent)
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = result.stdout.split("in the same rounds:")[1]
+  rows = [line for line in table.splitlines() if re.match(r"\| layer_norm \| \d", line)]
+  assert len(rows) == 2, result.stdout
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    before, after, ratio = float(cells[3]), float(cells[4]), float(cells[5])
+    assert before > 0 and after > 0 and math.isclose(ratio, after / before, rel_tol=0.02), row
+    assert cells[6] == cells[7], row

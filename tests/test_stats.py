@@ -235,14 +235,14 @@ def test_moments_check_grads_float64_with_and_without_mask(args):
 @pytest.mark.parametrize("shape,axes", [((7, 300), (1,)), ((3, 5, 4, 16), (2, 3))])
 def test_fused_row_moments_against_float64_values_and_gradients(shape, axes, offset):
   """The corrected two-pass moments: float64-accurate far from 0, differentiable as written."""
-  from jaxnorm._src import stats  # pylint: disable=import-outside-toplevel
+  from jaxnorm._src.fast import xla as stats  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(4)
   x = (rng.standard_normal(shape) * 3 + offset).astype(np.float32)
   moments = jax.jit(stats.fused_row_moments, static_argnums=1)(jnp.asarray(x), axes)
   x64 = x.astype(np.float64)
   mean, var = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
   spacing = np.spacing(np.float32(max(offset, 1.0)))
-  assert np.max(np.abs(np.asarray(moments.full_mean, np.float64) - mean)) <= spacing
+  assert np.max(np.abs(np.asarray(moments.mean, np.float64) - mean)) <= spacing
   assert np.max(np.abs(np.asarray(moments.var) - var) / var) < 1e-5
   assert np.all(np.asarray(moments.count) == np.prod([shape[a] for a in axes]))
   weights = rng.standard_normal(var.shape)
@@ -251,9 +251,19 @@ def test_fused_row_moments_against_float64_values_and_gradients(shape, axes, off
       m = fn(x)
       return jnp.sum(weights * (m[0] + m[1] ** 2))
     got = jax.grad(functools.partial(
-        loss, lambda x: (lambda m: (m.full_mean, m.var))(stats.fused_row_moments(x, axes))))(
+        loss, lambda x: (lambda m: (m.mean, m.var))(stats.fused_row_moments(x, axes))))(
             jnp.asarray(x64))
     want = jax.grad(functools.partial(
         loss, lambda x: (jnp.mean(x, axes, keepdims=True), jnp.var(x, axes, keepdims=True))))(
             jnp.asarray(x64))
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-8 * float(jnp.max(jnp.abs(want)))
+
+
+def test_moments_with_axes_none_reduce_every_axis_as_numpy():
+  x = np.random.default_rng(3).standard_normal((4, 5, 3)) * 2 + 1e4
+  mean, var = jaxnorm.moments(jnp.asarray(x, jnp.float32))
+  x64 = x.astype(np.float32).astype(np.float64)
+  np.testing.assert_allclose(mean, x64.mean(), rtol=1e-7)
+  np.testing.assert_allclose(var, x64.var(), rtol=1e-4)
+  assert mean.shape == var.shape == ()
+  assert jaxnorm.moments(x, keepdims=True)[0].shape == (1, 1, 1)

@@ -1,10 +1,14 @@
-"""Batch normalization (Ioffe and Szegedy 2015) as a pure function, with explicit running state.
+"""Batch normalization (Ioffe and Szegedy 2015) as pure functions with explicit running state.
 
-Training normalizes with the statistics of the batch (pooled over devices with ``axis_name``) and
-returns the next running statistics; evaluation normalizes with the running statistics.
+One skeleton serves the whole family (:func:`batch_norm_family`): the input checks, evaluation
+with the running statistics, normalizing a training batch (masks, sync over devices, the folded
+output of :func:`normalize.normalize_with`), and the running-statistics update with its guard
+against non-finite batches. :func:`batch_norm`, batch renorm, ghost and Lp batch norm each give
+only their training statistic (a :class:`TrainingStatistic`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -12,9 +16,9 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxnorm._src import checks
-from jaxnorm._src import functional
-from jaxnorm._src import stats
-from jaxnorm._src.stats import AxisName, Axes, Moments
+from jaxnorm._src import moments as moments_lib
+from jaxnorm._src import normalize
+from jaxnorm._src.moments import AxisName, Axes, Groups, Moments
 
 
 class BatchStats(NamedTuple):
@@ -32,7 +36,8 @@ def init_batch_stats(feature_shape: int | tuple[int, ...], dtype: Any = jnp.floa
   return BatchStats(jnp.zeros(feature_shape, dtype), jnp.ones(feature_shape, dtype))
 
 
-def update_batch_stats(running: BatchStats, batch: Moments, momentum: float) -> BatchStats:
+def update_batch_stats(running: BatchStats, batch: Moments, momentum: float, *,
+                       var_count: Array | None = None) -> BatchStats:
   """The next running statistics, an exponential moving average of the batch's.
 
   .. math::
@@ -42,16 +47,19 @@ def update_batch_stats(running: BatchStats, batch: Moments, momentum: float) -> 
 
   A channel keeps its running statistics when the batch's mean or variance is not finite
   (a NaN or Inf in the batch) or when it holds fewer than two valid values (a fully masked
-  batch): one bad batch cannot poison them. ``batch`` holds feature-shaped arrays.
+  batch): one bad batch cannot poison them. ``batch`` holds feature-shaped arrays;
+  ``var_count`` (default ``batch.count``), the count that must exceed 1 for the variance to
+  move (ghost batch norm's: the count where a virtual batch has a degree of freedom).
   """
   count = batch.count
   unbiased = batch.var * count / jnp.maximum(count - 1, 1)
-  mean = batch.full_mean
-  usable = jnp.isfinite(mean) & jnp.isfinite(unbiased) & (count > 1)
+  mean = batch.mean
+  finite = jnp.isfinite(mean) & jnp.isfinite(unbiased)
+  var_count = count if var_count is None else var_count
   new_mean = momentum * running.mean + (1 - momentum) * mean.astype(running.mean.dtype)
   new_var = momentum * running.var + (1 - momentum) * unbiased.astype(running.var.dtype)
-  return BatchStats(jnp.where(usable, new_mean, running.mean),
-                    jnp.where(usable, new_var, running.var))
+  return BatchStats(jnp.where(finite & (count > 1), new_mean, running.mean),
+                    jnp.where(finite & (var_count > 1), new_var, running.var))
 
 
 def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> int:
@@ -60,14 +68,6 @@ def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) 
   for axis in reduction_axes:
     size *= shape[axis]
   return size
-
-
-def batch_moments(x: Array, feature_axes: tuple[int, ...], *, where: ArrayLike | None,
-                  axis_name: AxisName | None, axis_index_groups) -> Moments:
-  """Batch statistics over every axis but ``feature_axes``, after checking the batch size."""
-  reduction_axes = batch_axes(x, feature_axes, axis_name)
-  return stats.reduce_moments(x, reduction_axes, where=where, axis_name=axis_name,
-                              axis_index_groups=axis_index_groups)
 
 
 def batch_axes(x: Array, feature_axes: tuple[int, ...], axis_name: AxisName | None
@@ -89,16 +89,77 @@ def feature_shaped(moments: Moments, feature_axes: tuple[int, ...]) -> Moments:
 
 
 def checked_input(x: ArrayLike, running, axis: Axes, name: str) -> tuple[Array, tuple[int, ...]]:
-  """``x`` as a float array and its canonical feature axes, after checking the running stats.
-
-  The input checks of every batch-norm function: float input, feature axes in range, and running
-  statistics (when given) of the feature shape.
-  """
+  """``x`` as a float array and its canonical feature axes, after checking the running stats."""
   x = checks.float_input(x, name)
   feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
   if running is not None:
     checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), name)
   return x, feature_axes
+
+
+class TrainingStatistic(NamedTuple):
+  """What a member of the batch-norm family normalizes a training batch with.
+
+  Attributes:
+    moments: the moments that normalize ``x`` (reshaped to ``view`` when given).
+    update: feature-shaped moments the running statistics move towards.
+    gain, offset: optional per-channel correction of the standardized batch (renorm's r, d).
+    view: the shape ``x`` is normalized in (ghost batch norm's virtual batches), or None.
+    var_count: the count that gates the running variance's update (default: ``update.count``).
+  """
+  moments: Moments
+  update: Moments
+  gain: Array | None = None
+  offset: Array | None = None
+  view: tuple[int, ...] | None = None
+  var_count: Array | None = None
+
+
+# (x, feature_axes, mask, axis_name, axis_index_groups) -> TrainingStatistic
+Statistic = Callable[[Array, tuple[int, ...], Array | None, AxisName | None, Groups],
+                     TrainingStatistic]
+
+
+def batch_norm_family(name: str, statistic: Statistic, x: ArrayLike, running,
+                      scale: ArrayLike | None, bias: ArrayLike | None, *, training: bool,
+                      axis: Axes, momentum: float, epsilon: float, where: ArrayLike | None,
+                      axis_name: AxisName | None, axis_index_groups: Groups, dtype: Any):
+  """The skeleton every batch norm shares: returns ``(y, next_running)``.
+
+  In evaluation, ``x`` is normalized with the running statistics, returned unchanged. In
+  training, ``statistic`` gives the moments (and correction) to normalize with, and the
+  running statistics (any NamedTuple with ``mean`` and ``var``, or None) move towards its
+  ``update`` (:func:`update_batch_stats`).
+  """
+  x, feature_axes = checked_input(x, running, axis, name)
+  if not training:
+    if running is None:
+      raise ValueError(f"{name} with training=False needs the running statistics; pass "
+                       f"running=BatchStats(mean, var) (jaxnorm.init_batch_stats to start)")
+    given = normalize.given_moments(running.mean, running.var, x, feature_axes)
+    return normalize.normalize_with(x, given, scale, bias, feature_axes=feature_axes,
+                                    epsilon=epsilon, dtype=dtype), running
+  where = checks.broadcast_mask(where, x.shape)
+  part = statistic(x, feature_axes, where, axis_name, axis_index_groups)
+  x_view, view_features = x, feature_axes
+  if part.view is not None:  # a leading axis split in two: every feature axis moves by one
+    x_view, view_features = x.reshape(part.view), tuple(a + 1 for a in feature_axes)
+  y = normalize.normalize_with(x_view, part.moments, scale, bias, feature_axes=view_features,
+                               epsilon=epsilon, dtype=dtype, gain=part.gain,
+                               offset=part.offset).reshape(x.shape)
+  if running is None:
+    return y, None
+  new = update_batch_stats(BatchStats(running.mean, running.var), part.update, momentum,
+                           var_count=part.var_count)
+  return y, running._replace(mean=new.mean, var=new.var)
+
+
+def batch_statistic(x: Array, feature_axes: tuple[int, ...], where: Array | None,
+                    axis_name: AxisName | None, axis_index_groups: Groups) -> TrainingStatistic:
+  """Batch norm's: the moments of the batch over every axis but ``feature_axes``."""
+  moments = moments_lib.pooled_moments(x, batch_axes(x, feature_axes, axis_name), where,
+                                       axis_name, axis_index_groups)
+  return TrainingStatistic(moments, feature_shaped(moments, feature_axes))
 
 
 def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None = None,
@@ -139,18 +200,7 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
     >>> y.ravel(), running.mean, running.var
     (Array([-1.,  1.], dtype=float32), Array([0.2], dtype=float32), Array([1.1], dtype=float32))
   """
-  x, feature_axes = checked_input(x, running, axis, "batch_norm")
-  if not training:
-    if running is None:
-      raise ValueError("batch_norm with training=False needs the running statistics; pass "
-                       "running=BatchStats(mean, var) (jaxnorm.init_batch_stats to start)")
-    y = functional.normalize(x, running.mean, running.var, scale, bias,
-                             feature_axes=feature_axes, epsilon=epsilon, dtype=dtype)
-    return y, running
-  y, moments = functional.normalize_over(
-      x, batch_axes(x, feature_axes, axis_name), scale, bias, feature_axes=feature_axes,
-      epsilon=epsilon, where=where, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=dtype)
-  if running is None:
-    return y, None
-  return y, update_batch_stats(running, feature_shaped(moments, feature_axes), momentum)
+  return batch_norm_family("batch_norm", batch_statistic, x, running, scale, bias,
+                           training=training, axis=axis, momentum=momentum, epsilon=epsilon,
+                           where=where, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups, dtype=dtype)

@@ -24,30 +24,19 @@ from jax import Array, lax
 from jax.typing import ArrayLike
 
 from jaxnorm._src import batch_norm as bn
-from jaxnorm._src import checks
-from jaxnorm._src import functional
-from jaxnorm._src import stats
+from jaxnorm._src import moments as moments_lib
+from jaxnorm._src import collectives
 from jaxnorm._src.batch_norm import BatchStats
-from jaxnorm._src.stats import AxisName, Axes, Moments
+from jaxnorm._src.moments import AxisName, Axes, Groups, Moments
 
 L1_GAUSSIAN_SCALE = math.sqrt(math.pi / 2)
 """E|x - mu| = sigma * sqrt(2 / pi) for a Gaussian: the L1 spread times this estimates sigma."""
 
 
-def _evaluate(x: Array, running: BatchStats | None, scale, bias, feature_axes, epsilon, dtype,
-              name: str) -> tuple[Array, BatchStats]:
-  """Evaluation mode, :func:`jaxnorm.batch_norm`'s: the running statistics, returned unchanged."""
-  if running is None:
-    raise ValueError(f"{name} with training=False needs the running statistics; pass "
-                     f"running=BatchStats(mean, var) (jaxnorm.init_batch_stats to start)")
-  return bn.batch_norm(x, running, scale, bias, training=False, axis=feature_axes,
-                       epsilon=epsilon, dtype=dtype)
-
-
-def ghost_moments(x: Array, feature_axes: tuple[int, ...], virtual_batch_size: int, *,
-                  where: ArrayLike | None, axis_name: AxisName | None,
-                  axis_index_groups) -> tuple[Array, Moments]:
-  """Moments of each virtual batch: x reshaped to ``(G, V, ...)``, and the moments.
+def ghost_moments(x: Array, feature_axes: tuple[int, ...], virtual_batch_size: int,
+                  where: Array | None, axis_name: AxisName | None,
+                  axis_index_groups: Groups) -> tuple[tuple[int, ...], Moments]:
+  """The shape ``(G, V, ...)`` of x split into virtual batches, and each one's moments.
 
   The moments keep the group axis (size G) and the reduced axes as size 1.
   """
@@ -56,39 +45,35 @@ def ghost_moments(x: Array, feature_axes: tuple[int, ...], virtual_batch_size: i
     raise ValueError(f"ghost batch norm splits axis 0, the batch of x.shape={x.shape}, but "
                      f"axis={feature_axes} makes it a feature axis; put the batch first")
   if virtual_batch_size <= 0 or batch % virtual_batch_size:
-    divisors = [v for v in range(1, batch + 1) if batch % v == 0]
+    divisors = [v for v in range(2, batch + 1) if batch % v == 0]
     raise ValueError(
         f"virtual_batch_size={virtual_batch_size} must divide the batch of {batch} examples "
         f"of x.shape={x.shape}; pick one of {divisors}, or pad the batch to a multiple of "
-        f"{virtual_batch_size} and mask the padding out with where=")
-  groups = batch // virtual_batch_size
-  grouped_shape = (groups, virtual_batch_size) + x.shape[1:]
-  xg = x.reshape(grouped_shape)
-  where = checks.broadcast_mask(where, x.shape)
+        f"{virtual_batch_size} and mask the padding out with mask= (where= in the functions)")
+  view = (batch // virtual_batch_size, virtual_batch_size) + x.shape[1:]
   if where is not None:
-    where = jnp.broadcast_to(where, x.shape).reshape(grouped_shape)
+    where = jnp.broadcast_to(where, x.shape).reshape(view)
   shifted_features = tuple(a + 1 for a in feature_axes)
-  reduction_axes = tuple(a for a in range(1, xg.ndim) if a not in shifted_features)
-  if axis_name is None and bn.values_per_channel(xg.shape, reduction_axes) < 2:
+  reduction_axes = tuple(a for a in range(1, len(view)) if a not in shifted_features)
+  if axis_name is None and bn.values_per_channel(view, reduction_axes) < 2:
     raise ValueError(
         f"ghost batch norm in training needs at least 2 values per channel in each virtual "
         f"batch, but virtual_batch_size={virtual_batch_size} with x.shape={x.shape} gives 1; "
         f"use virtual_batch_size >= 2 or use_running_average=True (evaluation)")
-  moments = stats.reduce_moments(xg, reduction_axes, where=where, axis_name=axis_name,
-                                 axis_index_groups=axis_index_groups)
-  return xg, moments
+  return view, moments_lib.pooled_moments(x.reshape(view), reduction_axes, where, axis_name,
+                                          axis_index_groups)
 
 
 def pooled_within(moments: Moments) -> tuple[Moments, Array]:
   """The moments the running statistics move towards, from the virtual batches' (axis 0).
 
-  Count, shift and mean are those of all valid elements (:func:`stats.merge_moments`); the
+  Count, shift and mean are those of all valid elements (:func:`collectives.merge_moments`); the
   variance is the pooled within-batch estimate :math:`\\sum_g n_g \\sigma_g^2 / \\sum_g (n_g - 1)`,
   stored times :math:`(n - 1) / n` so that :func:`jaxnorm.update_batch_stats`' ``n / (n - 1)``
   turns it back into exactly that estimate. Also returns the degrees of freedom
   :math:`\\sum_g (n_g - 1)`: without any, the variance has no estimate.
   """
-  merged = stats.merge_moments(moments)
+  merged = collectives.merge_moments(moments)
   counts = moments.count
   dof = jnp.sum(jnp.maximum(counts - 1, 0), axis=0)
   squares = jnp.sum(counts * moments.var, axis=0)
@@ -153,23 +138,20 @@ def ghost_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike 
     return bn.batch_norm(x, running, scale, bias, training=training, axis=axis,
                          momentum=momentum, epsilon=epsilon, where=where, axis_name=axis_name,
                          axis_index_groups=axis_index_groups, dtype=dtype)
-  x, feature_axes = bn.checked_input(x, running, axis, "ghost_batch_norm")
-  if not training:
-    return _evaluate(x, running, scale, bias, feature_axes, epsilon, dtype, "ghost_batch_norm")
-  xg, moments = ghost_moments(x, feature_axes, virtual_batch_size, where=where,
-                              axis_name=axis_name, axis_index_groups=axis_index_groups)
-  yf = moments.standardize(xg.astype(moments.var.dtype), epsilon).reshape(x.shape)
-  y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
-  if running is None:
-    return y, None
-  pooled, dof = pooled_within(moments)
-  pooled = bn.feature_shaped(pooled, feature_axes)
-  dof = jnp.reshape(dof, pooled.count.shape)
-  # the mean needs 2 valid values in all, the variance a degree of freedom within a batch
-  with_mean = bn.update_batch_stats(running, pooled, momentum)
-  with_var = bn.update_batch_stats(
-      running, pooled._replace(count=jnp.where(dof > 0, pooled.count, 0)), momentum)
-  return y, BatchStats(with_mean.mean, with_var.var)
+
+  def virtual_batches(x, feature_axes, where, axis_name, axis_index_groups):
+    view, moments = ghost_moments(x, feature_axes, virtual_batch_size, where, axis_name,
+                                  axis_index_groups)
+    pooled, dof = pooled_within(moments)
+    pooled = bn.feature_shaped(pooled, feature_axes)
+    # the mean needs 2 valid values in all, the variance a degree of freedom within a batch
+    var_count = jnp.where(jnp.reshape(dof, pooled.count.shape) > 0, pooled.count, 0)
+    return bn.TrainingStatistic(moments, pooled, view=view, var_count=var_count)
+
+  return bn.batch_norm_family("ghost_batch_norm", virtual_batches, x, running, scale, bias,
+                              training=training, axis=axis, momentum=momentum,
+                              epsilon=epsilon, where=where, axis_name=axis_name,
+                              axis_index_groups=axis_index_groups, dtype=dtype)
 
 
 def canonical_p(p: float | str) -> float:
@@ -191,11 +173,10 @@ def lp_spread(x: Array, moments: Moments, reduction_axes: tuple[int, ...], p: fl
   """
   if p == 2:
     return moments.var
-  deviation = jnp.abs((x - moments.shift) - moments.mean)
+  deviation = jnp.abs(moments.centred(x))
   if p == 1:
-    mean_deviation = stats.reduce_moments(deviation, reduction_axes, where=where,
-                                          axis_name=axis_name,
-                                          axis_index_groups=axis_index_groups).full_mean
+    mean_deviation = moments_lib.pooled_moments(deviation, reduction_axes, where, axis_name,
+                                                axis_index_groups).mean
     return jnp.square(L1_GAUSSIAN_SCALE * mean_deviation)
   if where is not None:
     deviation = jnp.where(where, deviation, 0)
@@ -256,20 +237,16 @@ def lp_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | N
     return bn.batch_norm(x, running, scale, bias, training=training, axis=axis,
                          momentum=momentum, epsilon=epsilon, where=where, axis_name=axis_name,
                          axis_index_groups=axis_index_groups, dtype=dtype)
-  x, feature_axes = bn.checked_input(x, running, axis, "lp_batch_norm")
-  if not training:
-    return _evaluate(x, running, scale, bias, feature_axes, epsilon, dtype, "lp_batch_norm")
-  moments = bn.batch_moments(x, feature_axes, where=where, axis_name=axis_name,
-                             axis_index_groups=axis_index_groups)
-  xf = x.astype(moments.var.dtype)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  mask = checks.broadcast_mask(where, x.shape)
-  spread = lp_spread(xf, moments, reduction_axes, p, where=mask, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups)
-  yf = ((xf - moments.shift) - moments.mean) * lax.rsqrt(spread + epsilon)
-  y = functional.affine(yf, x, scale, bias, feature_axes, dtype)
-  if running is None:
-    return y, None
-  spread_moments = moments._replace(var=spread)
-  return y, bn.update_batch_stats(running, bn.feature_shaped(spread_moments, feature_axes),
-                                  momentum)
+
+  def spread(x, feature_axes, where, axis_name, axis_index_groups):
+    moments = bn.batch_statistic(x, feature_axes, where, axis_name, axis_index_groups).moments
+    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    moments = moments._replace(var=lp_spread(
+        x.astype(moments.var.dtype), moments, reduction_axes, p, where=where,
+        axis_name=axis_name, axis_index_groups=axis_index_groups))
+    return bn.TrainingStatistic(moments, bn.feature_shaped(moments, feature_axes))
+
+  return bn.batch_norm_family("lp_batch_norm", spread, x, running, scale, bias,
+                              training=training, axis=axis, momentum=momentum,
+                              epsilon=epsilon, where=where, axis_name=axis_name,
+                              axis_index_groups=axis_index_groups, dtype=dtype)

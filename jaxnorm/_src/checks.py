@@ -13,7 +13,9 @@ Axes = int | Sequence[int]
 
 
 def canonical_axes(axes: Axes, ndim: int, *, name: str = "axes", shape=None) -> tuple[int, ...]:
-  """Returns ``axes`` as sorted non-negative ints, or raises a ValueError naming the fix."""
+  """Returns ``axes`` as sorted non-negative ints (None: every axis), or raises naming the fix."""
+  if axes is None:
+    return tuple(range(ndim))
   if isinstance(axes, (int, np.integer)):
     axes_tuple = (axes,)
   else:

@@ -57,7 +57,8 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxnorm._src import checks
-from jaxnorm._src import stats as moments_lib
+from jaxnorm._src import moments as moments_lib
+from jaxnorm._src import collectives
 
 DEFAULT_BINS = 4096
 _SMALL_INTEGER_DTYPES = (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.bool_))
@@ -684,7 +685,7 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
   if axis_name is None:
     moments = moments_lib.reduce_moments(xf, axes, where=valid)
   else:
-    moments = moments_lib.local_moments(xf, axes, where=valid)
+    moments = moments_lib.local_moments(xf, axes, valid)
   low_values = xf if valid is None else jnp.where(valid, xf, jnp.inf)
   high_values = xf if valid is None else jnp.where(valid, xf, -jnp.inf)
   lo = jnp.min(low_values, axis=axes, keepdims=True, initial=jnp.inf)
@@ -698,7 +699,7 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
     return a.reshape(1) if channel_axis is None else a
 
   var = per_channel(moments.var)
-  return Stats(count=per_channel(moments.count), mean=per_channel(moments.full_mean), var=var,
+  return Stats(count=per_channel(moments.count), mean=per_channel(moments.mean), var=var,
                std=jnp.sqrt(var), min=per_channel(lo), max=per_channel(hi),
                channel_axis=channel_axis, ignore_nan=ignore_nan)
 
@@ -706,11 +707,11 @@ def device_stats(x: ArrayLike, *, channel_axis: int | None = -1, ignore_nan: boo
 def _pool(local: moments_lib.Moments, lo: Array, hi: Array, axis_name: Hashable):
   """One all_gather of every device's moments, minimum and maximum, then the count-weighted merge.
 
-  The merge is that of ``stats.pool_moments`` (``stats.merge_moments``).
+  The merge is that of :func:`collectives.pool_moments` (:func:`collectives.merge_moments`).
   """
   packed = jnp.stack(list(local) + [lo, hi])
-  gathered = moments_lib._all_gather(packed, axis_name, None)  # pylint: disable=protected-access
-  merged = moments_lib.merge_moments(moments_lib.Moments(*(gathered[:, i] for i in range(4))))
+  gathered = collectives.gather(packed, axis_name)
+  merged = collectives.merge_moments(moments_lib.Moments(*(gathered[:, i] for i in range(4))))
   return merged, jnp.min(gathered[:, 4], axis=0), jnp.max(gathered[:, 5], axis=0)
 
 

@@ -6,15 +6,17 @@ Each takes every argument of :class:`jaxnorm.linen.BatchNorm` (and so of
 options, and calls one pure function. They are separate layers rather than options of
 ``BatchNorm`` so that ``BatchNorm`` stays a drop-in for Flax's, and each layer's extra state and
 batch-size rules (a step counter; a batch divisible into virtual batches) are visible in its
-name. A checkpoint of a ``BatchNorm`` model loads into a ``GhostBatchNorm`` or ``LpBatchNorm``
-one unchanged; ``BatchRenorm`` adds ``batch_stats/step``.
+name. A checkpoint of a ``BatchNorm`` model loads into any of them; ``BatchRenorm`` adds
+``batch_stats/step``, which such a checkpoint gets (at 0) the first time it trains.
+
+Each layer is :class:`jaxnorm.linen.BatchNorm` with another pure function (``function``), its
+own options (``_options``) and, for renorm, one more state variable.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxnorm._src import batch_norm as bn
@@ -64,22 +66,20 @@ class BatchRenorm(linen_norms.BatchNorm):
   rmax: FloatOrSchedule = 3.0
   dmax: FloatOrSchedule = 5.0
 
-  @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
-    x, feature_axes, mean, var, scale, bias = linen_norms.declare_batch_norm(self, x, "BatchRenorm")
-    step = self.variable("batch_stats", "step", jnp.zeros, (), jnp.int32)
-    training = linen_norms.batch_norm_training(self, x, feature_axes, use_running_average)
-    initializing = self.is_initializing()
-    y, new_stats = renorm.batch_renorm(
-        x, renorm.RenormStats(mean.value, var.value, step.value), scale, bias,
-        training=training, rmax=self.rmax, dmax=self.dmax, axis=feature_axes,
-        momentum=self.momentum, epsilon=self.epsilon, where=mask,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    linen_norms.store_running_stats(self, training, (mean, var, step), new_stats)
-    return y
+  function = staticmethod(renorm.batch_renorm)
+
+  def _state_variables(self, mean, var):
+    # A BatchNorm checkpoint has no step: it evaluates as it is, and gets one when it trains.
+    if self.has_variable("batch_stats", "step") or self.is_mutable_collection("batch_stats"):
+      return mean, var, self.variable("batch_stats", "step", jnp.zeros, (), jnp.int32)
+    return mean, var
+
+  def _running(self, state):
+    step = state[2].value if len(state) > 2 else jnp.zeros((), jnp.int32)
+    return renorm.RenormStats(state[0].value, state[1].value, step)
+
+  def _options(self):
+    return {"rmax": self.rmax, "dmax": self.dmax}
 
 
 class GhostBatchNorm(linen_norms.BatchNorm):
@@ -107,23 +107,13 @@ class GhostBatchNorm(linen_norms.BatchNorm):
   """
   virtual_batch_size: int | None = None
 
-  @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
-    x, feature_axes, mean, var, scale, bias = linen_norms.declare_batch_norm(
-        self, x, "GhostBatchNorm")
-    size = self.virtual_batch_size
-    training = linen_norms.batch_norm_training(self, x, feature_axes, use_running_average,
-                         _virtual_batches_fit(x, feature_axes, size))
-    initializing = self.is_initializing()
-    y, new_stats = variants.ghost_batch_norm(
-        x, bn.BatchStats(mean.value, var.value), scale, bias, training=training,
-        virtual_batch_size=size, axis=feature_axes, momentum=self.momentum,
-        epsilon=self.epsilon, where=mask, axis_name=None if initializing else self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    linen_norms.store_running_stats(self, training, (mean, var), new_stats)
-    return y
+  function = staticmethod(variants.ghost_batch_norm)
+
+  def _options(self):
+    return {"virtual_batch_size": self.virtual_batch_size}
+
+  def _batch_fits(self, x, feature_axes):
+    return _virtual_batches_fit(x, feature_axes, self.virtual_batch_size)
 
 
 class LpBatchNorm(linen_norms.BatchNorm):
@@ -147,18 +137,7 @@ class LpBatchNorm(linen_norms.BatchNorm):
   """
   p: float | str = 2
 
-  @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
-    p = variants.canonical_p(self.p)
-    x, feature_axes, mean, var, scale, bias = linen_norms.declare_batch_norm(self, x, "LpBatchNorm")
-    training = linen_norms.batch_norm_training(self, x, feature_axes, use_running_average)
-    initializing = self.is_initializing()
-    y, new_stats = variants.lp_batch_norm(
-        x, bn.BatchStats(mean.value, var.value), scale, bias, training=training, p=p,
-        axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon, where=mask,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    linen_norms.store_running_stats(self, training, (mean, var), new_stats)
-    return y
+  function = staticmethod(variants.lp_batch_norm)
+
+  def _options(self):
+    return {"p": variants.canonical_p(self.p)}

@@ -29,18 +29,7 @@ import jax.numpy as jnp
 
 from jaxnorm._src import scalers
 
-COLLECTION = "input_stats"
-
-
-def stat_array(value: Any) -> jax.Array:
-  """A fitted statistic as a JAX array in its own precision, float32 or wider.
-
-  Fitted statistics are float64: under ``jax_enable_x64`` they stay float64, so spreads such as
-  ``max - min`` of data far from zero (min 1e8, max 1e8 + 3) are taken in float64, as the pure
-  scalers take them; otherwise they are float32.
-  """
-  value = jnp.asarray(value)
-  return value.astype(jnp.promote_types(value.dtype, jnp.float32))
+COLLECTION = scalers.INPUT_STATS
 
 
 def fitted_constants(module: nn.Module, stats: Any,
@@ -53,7 +42,7 @@ def fitted_constants(module: nn.Module, stats: Any,
             f"{type(module).__name__} needs fitted statistics to initialize '{COLLECTION}/"
             f"{name}': pass stats=jaxnorm.fit_stats(batches) (or jaxnorm.load_stats(path)), "
             f"or apply it with variables that hold '{COLLECTION}'")
-      return stat_array(getter(stats))
+      return scalers.stat_array(getter(stats))
     return init
 
   return [jax.lax.stop_gradient(module.variable(COLLECTION, name, initializer(name, getter)).value)

@@ -119,16 +119,33 @@ class BatchNorm(nn.Module):
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    x, feature_axes, mean, var, scale, bias = declare_batch_norm(self, x, "BatchNorm")
-    training = batch_norm_training(self, x, feature_axes, use_running_average)
+    x, feature_axes, mean, var, scale, bias = declare_batch_norm(self, x, type(self).__name__)
+    state = self._state_variables(mean, var)
+    training = batch_norm_training(self, x, feature_axes, use_running_average,
+                                   self._batch_fits(x, feature_axes))
     initializing = self.is_initializing()
-    y, new_stats = bn.batch_norm(
-        x, bn.BatchStats(mean.value, var.value), scale, bias, training=training,
-        axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon, where=mask,
+    y, new_state = self.function(
+        x, self._running(state), scale, bias, training=training, axis=feature_axes,
+        momentum=self.momentum, epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-    store_running_stats(self, training, (mean, var), new_stats)
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype, **self._options())
+    store_running_stats(self, training, state, new_state)
     return y
+
+  # What a variant changes: the pure function, its running state, its options and batch rule.
+  function = staticmethod(bn.batch_norm)
+
+  def _state_variables(self, mean, var) -> tuple[Any, ...]:
+    return mean, var
+
+  def _running(self, state) -> Any:
+    return bn.BatchStats(*(variable.value for variable in state))
+
+  def _options(self) -> dict[str, Any]:
+    return {}
+
+  def _batch_fits(self, x, feature_axes: tuple[int, ...]) -> bool:
+    return True
 
 
 class LayerNorm(nn.Module):

@@ -32,8 +32,7 @@ from jax.typing import ArrayLike
 
 from jaxnorm._src import batch_norm as bn
 from jaxnorm._src import checks
-from jaxnorm._src import functional
-from jaxnorm._src.stats import AxisName, Axes
+from jaxnorm._src.moments import AxisName, Axes
 
 Schedule = Callable[[Array], ArrayLike]
 FloatOrSchedule = float | Schedule
@@ -223,23 +222,22 @@ def batch_renorm(x: ArrayLike, running: RenormStats, scale: ArrayLike | None = N
         f"read), got {type(running).__name__}; start from "
         f"jaxnorm.init_renorm_stats(num_features), or from BatchStats with "
         f"jaxnorm.RenormStats(stats.mean, stats.var, jnp.array(0, jnp.int32))")
-  x, feature_axes = bn.checked_input(x, running, axis, "batch_renorm")
-  if not training:
-    y, _ = bn.batch_norm(x, bn.BatchStats(running.mean, running.var), scale, bias,
-                         training=False, axis=feature_axes, epsilon=epsilon, dtype=dtype)
-    return y, running
-  moments = bn.batch_moments(x, feature_axes, where=where, axis_name=axis_name,
-                             axis_index_groups=axis_index_groups)
-  step = jnp.asarray(running.step, jnp.int32)
-  running_mean = checks.feature_param(running.mean, x.shape, feature_axes, "running.mean")
-  running_var = checks.feature_param(running.var, x.shape, feature_axes, "running.var")
-  # mu_B - mu in the frame of the shift (an element of x): exact differences far from zero
-  r, d = renorm_correction(moments.mean, moments.var, running_mean - moments.shift, running_var,
-                           rmax=clip_value(rmax, step, name="rmax", least=1.0),
-                           dmax=clip_value(dmax, step, name="dmax", least=0.0),
-                           epsilon=epsilon)
-  y = functional.normalize_moments(x, moments, scale, bias, feature_axes=feature_axes,
-                                  epsilon=epsilon, dtype=dtype, gain=r, offset=d)
-  new = bn.update_batch_stats(bn.BatchStats(running.mean, running.var),
-                              bn.feature_shaped(moments, feature_axes), momentum)
-  return y, RenormStats(new.mean, new.var, step + 1)
+  def corrected(x, feature_axes, where, axis_name, axis_index_groups):
+    step = jnp.asarray(running.step, jnp.int32)
+    moments = bn.batch_statistic(x, feature_axes, where, axis_name, axis_index_groups).moments
+    running_mean = checks.feature_param(running.mean, x.shape, feature_axes, "running.mean")
+    running_var = checks.feature_param(running.var, x.shape, feature_axes, "running.var")
+    # mu_B - mu in the frame of the shift (an element of x): exact differences far from zero
+    r, d = renorm_correction(moments.residual, moments.var, running_mean - moments.shift,
+                             running_var, rmax=clip_value(rmax, step, name="rmax", least=1.0),
+                             dmax=clip_value(dmax, step, name="dmax", least=0.0),
+                             epsilon=epsilon)
+    return bn.TrainingStatistic(moments, bn.feature_shaped(moments, feature_axes), r, d)
+
+  y, new = bn.batch_norm_family("batch_renorm", corrected, x, running, scale, bias,
+                                training=training, axis=axis, momentum=momentum,
+                                epsilon=epsilon, where=where, axis_name=axis_name,
+                                axis_index_groups=axis_index_groups, dtype=dtype)
+  if training:
+    new = new._replace(step=jnp.asarray(running.step, jnp.int32) + 1)
+  return y, new

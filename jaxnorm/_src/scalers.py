@@ -268,3 +268,18 @@ def imagenet_standardize(x: ArrayLike, *, max_value: float = 255.0, channel_axis
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * max_value
   std = jnp.asarray(IMAGENET_STD, jnp.float32) * max_value
   return rescale(x, mean, std, channel_axis=channel_axis, dtype=dtype)
+
+
+INPUT_STATS = "input_stats"
+"""The collection (Linen) and variable type name (NNX) of the input layers' statistics."""
+
+
+def stat_array(value: Any) -> jax.Array:
+  """A fitted statistic as a JAX array in its own precision, float32 or wider.
+
+  Fitted statistics are float64: under ``jax_enable_x64`` they stay float64, so spreads such as
+  ``max - min`` of data far from zero (min 1e8, max 1e8 + 3) are taken in float64, as the pure
+  scalers take them; otherwise they are float32.
+  """
+  value = jnp.asarray(value)
+  return value.astype(jnp.promote_types(value.dtype, jnp.float32))
