@@ -10,12 +10,14 @@ Every library runs in a worker process of its own (PyTorch's OpenMP threads and 
 against each other in one), the workers take turns round by round, and each figure is the median
 over rounds of the per-round ratio to the same worker's memory pass.
 
-With ``--baseline DIR`` a third worker imports jaxnorm from ``DIR`` (another checkout, e.g.
-``git worktree add /tmp/before HEAD~1``) and times it in the same rounds: the table then shows
-both versions side by side, with their ratio and both planned-byte counts.
+With ``--baseline DIR`` another worker imports jaxnorm from ``DIR`` (another checkout, e.g.
+``git worktree add /tmp/before HEAD~1``) and times it in the same rounds: a second table shows
+both versions side by side, with their ratio and both planned-byte counts. With
+``--reference-paths`` a worker times jaxnorm with ``JAXNORM_KERNELS=reference`` the same way:
+what the fast paths of ``jaxnorm/_src/fast/`` gain over the reference path.
 
 Run: python benchmarks/speed.py [--quick] [--rounds 5] [--only layer_norm,...] [--readme]
-     [--baseline DIR]
+     [--baseline DIR] [--reference-paths]
 """
 from __future__ import annotations
 
@@ -150,8 +152,9 @@ def jax_worker():
     reply = {}
     if key not in cache:
       functions = jax_functions(*key)
-      if os.environ.get("JAXNORM_BENCH_ROLE") == "baseline":  # another checkout's jaxnorm
-        functions = {"memory": functions["memory"], "baseline": functions["jaxnorm"]}
+      role = os.environ.get("JAXNORM_BENCH_ROLE")  # another checkout's or mode's jaxnorm
+      if role:
+        functions = {"memory": functions["memory"], role: functions["jaxnorm"]}
       info = {}
       for name, (fn, args) in functions.items():
         start = time.perf_counter()
@@ -269,10 +272,13 @@ def time_interleaved(functions, calls):
 
 
 class Worker:
-  def __init__(self, kind, baseline=None):
-    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES, OMP_WAIT_POLICY="PASSIVE")
+  def __init__(self, kind, baseline=None, role=None, **environment):
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES, OMP_WAIT_POLICY="PASSIVE",
+               **environment)
+    if role:
+      env.update(JAXNORM_BENCH_ROLE=role)
     if baseline:
-      env.update(JAXNORM_BENCH_ROLE="baseline", PYTHONPATH=os.path.abspath(baseline))
+      env.update(PYTHONPATH=os.path.abspath(baseline))
     self.process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", kind], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env=env,
@@ -307,10 +313,12 @@ def calls_for(shape):
   return max(10, min(200, int(2e8 / (size * 4))))
 
 
-def measure(cases, rounds, use_torch, baseline=None):
+def measure(cases, rounds, use_torch, baseline=None, reference_paths=False):
   workers = {"jax": Worker("jax")}
   if baseline:
-    workers["baseline"] = Worker("jax", baseline)
+    workers["baseline"] = Worker("jax", baseline, role="baseline")
+  if reference_paths:
+    workers["reference"] = Worker("jax", role="reference", JAXNORM_KERNELS="reference")
   if use_torch:
     workers["torch"] = Worker("torch")
   results = []
@@ -345,20 +353,21 @@ def element_bytes(op):
   return 1 if op == "standardize_uint8" else 4
 
 
-def baseline_table(results):
-  """jaxnorm against the ``--baseline`` checkout, measured in the same rounds."""
-  lines = ["| op | shape | pass | before × mem | after × mem | after / before | "
-           "XLA bytes / min before | after |", "|---" * 8 + "|"]
+def versus_table(results, role, names=("before", "after")):
+  """jaxnorm against the ``role`` worker's (``--baseline``, ``--reference-paths``)."""
+  first, second = names
+  lines = [f"| op | shape | pass | {first} × mem | {second} × mem | {second} / {first} | "
+           f"XLA bytes / min {first} | {second} |", "|---" * 8 + "|"]
   for r in results:
     size = 1
     for n in r["shape"]:
       size *= n
     minimum = size * (element_bytes(r["op"]) + 4) if r["mode"] == "fwd" else 16 * size
-    planned = [r["info"].get(key, {}).get("bytes") for key in ("baseline:baseline", "jax:jaxnorm")]
+    planned = [r["info"].get(key, {}).get("bytes") for key in (f"{role}:{role}", "jax:jaxnorm")]
     planned = [f"{p / minimum:.2f}" if p else "-" for p in planned]
     lines.append(
-        f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['mode']} | {r['baseline']:.2f} | "
-        f"{r['jaxnorm']:.2f} | {r['jaxnorm'] / r['baseline']:.2f} | {planned[0]} | "
+        f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['mode']} | {r[role]:.2f} | "
+        f"{r['jaxnorm']:.2f} | {r['jaxnorm'] / r[role]:.2f} | {planned[0]} | "
         f"{planned[1]} |")
   return "\n".join(lines)
 
@@ -421,6 +430,8 @@ def main(argv=None):
   parser.add_argument("--readme", action="store_true", help="write the table into README.md")
   parser.add_argument("--baseline", metavar="DIR",
                       help="also time the jaxnorm of this checkout, side by side")
+  parser.add_argument("--reference-paths", action="store_true",
+                      help="also time jaxnorm with JAXNORM_KERNELS=reference, side by side")
   args = parser.parse_args(argv)
   if args.worker == "jax":
     return jax_worker()
@@ -434,7 +445,8 @@ def main(argv=None):
     print("PyTorch " + ("left out (--no-torch)" if args.no_torch else "is not installed")
           + ": its column is left empty (pip install torch==2.13.0 for a CPU build)",
           file=sys.stderr)
-  results = measure(cases, 1 if args.quick else args.rounds, use_torch, args.baseline)
+  results = measure(cases, 1 if args.quick else args.rounds, use_torch, args.baseline,
+                    args.reference_paths)
   text = (f"Multiples of a plain memory pass (lower is better; medians of per-round ratios over "
           f"{1 if args.quick else args.rounds} rounds), measured on {machine()}. Where jaxnorm "
           f"chooses its frame at run time (batch, group and instance norm; layer norm below "
@@ -445,7 +457,10 @@ def main(argv=None):
   print(text)
   if args.baseline:
     print(f"\nAgainst the jaxnorm of {args.baseline}, in the same rounds:\n\n"
-          + baseline_table(results))
+          + versus_table(results, "baseline"))
+  if args.reference_paths:
+    print("\nThe fast paths against the reference path (JAXNORM_KERNELS=reference), in the "
+          "same rounds:\n\n" + versus_table(results, "reference", ("reference", "fast")))
   if args.readme:
     update_readme(text)
   return results

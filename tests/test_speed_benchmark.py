@@ -33,15 +33,22 @@ def test_speed_quick_table():
       assert math.isfinite(float(cells[4])), row  # flax's column is filled
 
 
-def test_speed_baseline_table_side_by_side():
-  """--baseline times another checkout's jaxnorm in the same rounds; the same checkout as its
-  own baseline plans the same bytes."""
+def test_speed_baseline_and_reference_tables_side_by_side():
+  """--baseline times another checkout's jaxnorm in the same rounds (the same checkout as its
+  own baseline plans the same bytes); --reference-paths times the reference path likewise."""
   result = subprocess.run(
       [sys.executable, str(BENCHMARKS / "speed.py"), "--quick", "--no-torch", "--only",
-       "layer_norm", "--baseline", str(BENCHMARKS.parent)],
+       "layer_norm", "--baseline", str(BENCHMARKS.parent), "--reference-paths"],
       capture_output=True, text=True, timeout=600, cwd=BENCHMARKS.parent)
   assert result.returncode == 0, result.stderr[-3000:]
-  table = result.stdout.split("in the same rounds:")[1]
+  baseline, reference = result.stdout.split("in the same rounds:")[1:]
+  reference_rows = [line for line in reference.splitlines()
+                    if re.match(r"\| layer_norm \| \d", line)]
+  assert len(reference_rows) == 2, result.stdout
+  for row in reference_rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[6]) > 0, row
+  table = baseline
   rows = [line for line in table.splitlines() if re.match(r"\| layer_norm \| \d", line)]
   assert len(rows) == 2, result.stdout
   for row in rows:
@@ -49,3 +56,16 @@ def test_speed_baseline_table_side_by_side():
     before, after, ratio = float(cells[3]), float(cells[4]), float(cells[5])
     assert before > 0 and after > 0 and math.isclose(ratio, after / before, rel_tol=0.02), row
     assert cells[6] == cells[7], row
+
+
+def test_compiled_programs_of_a_checkout_equal_its_own():
+  """benchmarks/compiled.py fingerprints the compiled programs; a checkout against itself
+  gives the same program for every case."""
+  result = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compiled.py"), "--quick", "--only",
+       "layer_norm,batch_norm", "--baseline", str(BENCHMARKS.parent)],
+      capture_output=True, text=True, timeout=600, cwd=BENCHMARKS.parent)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line for line in result.stdout.splitlines() if re.match(r"\| [a-z_]+ \d", line)]
+  assert len(rows) == 4 and all(row.rstrip(" |").endswith("yes") for row in rows), result.stdout
+  assert "4 of 4 programs are the same" in result.stdout
