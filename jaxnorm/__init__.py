@@ -38,6 +38,17 @@ from jaxnorm._src.moments import moments
 from jaxnorm._src.moments import reduce_moments
 from jaxnorm._src.stats_io import load_stats
 from jaxnorm._src.stats_io import save_stats
+from jaxnorm._src.weight_norms import SpectralState
+from jaxnorm._src.weight_norms import conv_operator
+from jaxnorm._src.response_norms import evonorm_b0
+from jaxnorm._src.response_norms import evonorm_s0
+from jaxnorm._src.response_norms import filter_response_norm
+from jaxnorm._src.weight_norms import init_spectral_state
+from jaxnorm._src.weight_norms import scaled_weight_standardize
+from jaxnorm._src.weight_norms import spectral_norm
+from jaxnorm._src.response_norms import tlu
+from jaxnorm._src.weight_norms import weight_norm
+from jaxnorm._src.weight_norms import weight_standardize
 
 # The backend fast paths register themselves with the dispatch.
 import jaxnorm._src.fast  # pylint: disable=unused-import
@@ -51,16 +62,22 @@ __all__ = (
     "Moments",
     "RenormSchedule",
     "RenormStats",
+    "SpectralState",
     "Stats",
     "batch_norm",
     "batch_renorm",
+    "conv_operator",
     "device_stats",
+    "evonorm_b0",
+    "evonorm_s0",
+    "filter_response_norm",
     "fit_stats",
     "ghost_batch_norm",
     "group_norm",
     "imagenet_standardize",
     "init_batch_stats",
     "init_renorm_stats",
+    "init_spectral_state",
     "instance_norm",
     "kernels",
     "inverse_minmax",
@@ -82,6 +99,11 @@ __all__ = (
     "rms_norm",
     "robust",
     "save_stats",
+    "scaled_weight_standardize",
+    "spectral_norm",
     "standardize",
+    "tlu",
     "update_batch_stats",
+    "weight_norm",
+    "weight_standardize",
 )

@@ -11,10 +11,21 @@ from jaxnorm._src.linen_norms import InstanceNorm
 from jaxnorm._src.linen_norms import LayerNorm
 from jaxnorm._src.linen_norms import RMSNorm
 from jaxnorm._src.renorm import renorm_schedule
+from jaxnorm._src.linen_weight_norms import EvoNormB0
+from jaxnorm._src.linen_weight_norms import EvoNormS0
+from jaxnorm._src.linen_weight_norms import FilterResponseNorm
+from jaxnorm._src.linen_weight_norms import ScaledStdConv
+from jaxnorm._src.linen_weight_norms import SpectralNorm
+from jaxnorm._src.linen_weight_norms import StdConv
+from jaxnorm._src.linen_weight_norms import TLU
+from jaxnorm._src.linen_weight_norms import WeightNorm
 
 __all__ = (
     "BatchNorm",
     "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
@@ -23,6 +34,11 @@ __all__ = (
     "MinMaxScale",
     "RMSNorm",
     "RobustScale",
+    "ScaledStdConv",
+    "SpectralNorm",
     "Standardize",
+    "StdConv",
+    "TLU",
+    "WeightNorm",
     "renorm_schedule",
 )

@@ -12,10 +12,21 @@ from jaxnorm._src.nnx_norms import RMSNorm
 from jaxnorm._src.nnx_input import RobustScale
 from jaxnorm._src.nnx_input import Standardize
 from jaxnorm._src.renorm import renorm_schedule
+from jaxnorm._src.nnx_weight_norms import EvoNormB0
+from jaxnorm._src.nnx_weight_norms import EvoNormS0
+from jaxnorm._src.nnx_weight_norms import FilterResponseNorm
+from jaxnorm._src.nnx_weight_norms import ScaledStdConv
+from jaxnorm._src.nnx_weight_norms import SpectralNorm
+from jaxnorm._src.nnx_weight_norms import StdConv
+from jaxnorm._src.nnx_weight_norms import TLU
+from jaxnorm._src.nnx_weight_norms import WeightNorm
 
 __all__ = (
     "BatchNorm",
     "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InputStat",
@@ -25,6 +36,11 @@ __all__ = (
     "MinMaxScale",
     "RMSNorm",
     "RobustScale",
+    "ScaledStdConv",
+    "SpectralNorm",
     "Standardize",
+    "StdConv",
+    "TLU",
+    "WeightNorm",
     "renorm_schedule",
 )

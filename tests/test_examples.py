@@ -101,3 +101,9 @@ def test_nnx_quickstart_learns_digits():
   out = run_example("nnx_quickstart.py", "--quick")
   accuracy = float(re.search(r"held-out accuracy with running statistics: ([\d.]+)", out).group(1))
   assert accuracy > 0.5, out  # chance is 0.1
+
+
+def test_weight_standardization_quick():
+  out = run_example("weight_standardization.py", "--quick")
+  for label in ("BatchNorm", "GroupNorm(8)", "WS + GroupNorm(8)"):
+    assert f"| {label} |" in out, out
