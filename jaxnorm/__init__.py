@@ -38,6 +38,15 @@ from jaxnorm._src.moments import moments
 from jaxnorm._src.moments import reduce_moments
 from jaxnorm._src.stats_io import load_stats
 from jaxnorm._src.stats_io import save_stats
+from jaxnorm._src.conditional_norms import ada_layer_norm
+from jaxnorm._src.conditional_norms import ada_ln_zero
+from jaxnorm._src.conditional_norms import adain
+from jaxnorm._src.conditional_norms import conditional_batch_norm
+from jaxnorm._src.conditional_norms import film
+from jaxnorm._src.transformer_norms import add_layer_norm
+from jaxnorm._src.transformer_norms import add_rms_norm
+from jaxnorm._src.transformer_norms import head_norm
+from jaxnorm._src.transformer_norms import qk_norm
 from jaxnorm._src.weight_norms import SpectralState
 from jaxnorm._src.weight_norms import conv_operator
 from jaxnorm._src.response_norms import evonorm_b0
@@ -64,16 +73,24 @@ __all__ = (
     "RenormStats",
     "SpectralState",
     "Stats",
+    "ada_layer_norm",
+    "ada_ln_zero",
+    "adain",
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
     "batch_renorm",
+    "conditional_batch_norm",
     "conv_operator",
     "device_stats",
     "evonorm_b0",
     "evonorm_s0",
+    "film",
     "filter_response_norm",
     "fit_stats",
     "ghost_batch_norm",
     "group_norm",
+    "head_norm",
     "imagenet_standardize",
     "init_batch_stats",
     "init_renorm_stats",
@@ -93,6 +110,7 @@ __all__ = (
     "normalize",
     "pixels_to_symmetric",
     "pixels_to_unit",
+    "qk_norm",
     "reduce_moments",
     "renorm_schedule",
     "rescale",

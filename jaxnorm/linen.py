@@ -11,6 +11,14 @@ from jaxnorm._src.linen_norms import InstanceNorm
 from jaxnorm._src.linen_norms import LayerNorm
 from jaxnorm._src.linen_norms import RMSNorm
 from jaxnorm._src.renorm import renorm_schedule
+from jaxnorm._src.linen_transformer_norms import AdaLNZero
+from jaxnorm._src.linen_transformer_norms import AddLayerNorm
+from jaxnorm._src.linen_transformer_norms import AddRMSNorm
+from jaxnorm._src.linen_transformer_norms import ConditionalBatchNorm
+from jaxnorm._src.linen_transformer_norms import FiLM
+from jaxnorm._src.linen_transformer_norms import HeadNorm
+from jaxnorm._src.linen_transformer_norms import QKNorm
+from jaxnorm._src.linen_transformer_norms import QKNormAttention
 from jaxnorm._src.linen_weight_norms import EvoNormB0
 from jaxnorm._src.linen_weight_norms import EvoNormS0
 from jaxnorm._src.linen_weight_norms import FilterResponseNorm
@@ -21,17 +29,25 @@ from jaxnorm._src.linen_weight_norms import TLU
 from jaxnorm._src.linen_weight_norms import WeightNorm
 
 __all__ = (
+    "AdaLNZero",
+    "AddLayerNorm",
+    "AddRMSNorm",
     "BatchNorm",
     "BatchRenorm",
+    "ConditionalBatchNorm",
     "EvoNormB0",
     "EvoNormS0",
+    "FiLM",
     "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
+    "HeadNorm",
     "InstanceNorm",
     "LayerNorm",
     "LpBatchNorm",
     "MinMaxScale",
+    "QKNorm",
+    "QKNormAttention",
     "RMSNorm",
     "RobustScale",
     "ScaledStdConv",

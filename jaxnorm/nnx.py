@@ -12,6 +12,13 @@ from jaxnorm._src.nnx_norms import RMSNorm
 from jaxnorm._src.nnx_input import RobustScale
 from jaxnorm._src.nnx_input import Standardize
 from jaxnorm._src.renorm import renorm_schedule
+from jaxnorm._src.nnx_transformer_norms import AdaLNZero
+from jaxnorm._src.nnx_transformer_norms import AddLayerNorm
+from jaxnorm._src.nnx_transformer_norms import AddRMSNorm
+from jaxnorm._src.nnx_transformer_norms import ConditionalBatchNorm
+from jaxnorm._src.nnx_transformer_norms import FiLM
+from jaxnorm._src.nnx_transformer_norms import HeadNorm
+from jaxnorm._src.nnx_transformer_norms import QKNorm
 from jaxnorm._src.nnx_weight_norms import EvoNormB0
 from jaxnorm._src.nnx_weight_norms import EvoNormS0
 from jaxnorm._src.nnx_weight_norms import FilterResponseNorm
@@ -22,18 +29,25 @@ from jaxnorm._src.nnx_weight_norms import TLU
 from jaxnorm._src.nnx_weight_norms import WeightNorm
 
 __all__ = (
+    "AdaLNZero",
+    "AddLayerNorm",
+    "AddRMSNorm",
     "BatchNorm",
     "BatchRenorm",
+    "ConditionalBatchNorm",
     "EvoNormB0",
     "EvoNormS0",
+    "FiLM",
     "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
+    "HeadNorm",
     "InputStat",
     "InstanceNorm",
     "LayerNorm",
     "LpBatchNorm",
     "MinMaxScale",
+    "QKNorm",
     "RMSNorm",
     "RobustScale",
     "ScaledStdConv",

@@ -107,3 +107,8 @@ def test_weight_standardization_quick():
   out = run_example("weight_standardization.py", "--quick")
   for label in ("BatchNorm", "GroupNorm(8)", "WS + GroupNorm(8)"):
     assert f"| {label} |" in out, out
+
+
+def test_qk_norm_study_quick():
+  out = run_example("qk_norm_study.py", "--quick")
+  assert "| QK-norm |" in out and "| no QK-norm |" in out, out

@@ -87,23 +87,51 @@ def normalize(x: ArrayLike, mean: ArrayLike, var: ArrayLike, scale: ArrayLike | 
                                       epsilon=epsilon, dtype=dtype)
 
 
+def offset_scale(x: Array, scale: ArrayLike | None, bias: ArrayLike | None, scale_offset: float,
+                 dtype: Any, name: str) -> tuple[Array | None, Any]:
+  """A zero-centred scale made whole, ``scale + scale_offset`` in float32 or wider, and the
+  output dtype the stored scale gives (``dtype``, else the result type of x, scale and bias).
+
+  With ``scale_offset=0`` both come back as given.
+  """
+  if not scale_offset:
+    return scale, dtype
+  if scale is None:
+    raise ValueError(
+        f"{name}: scale_offset={scale_offset} is added to a scale, but scale is None; pass the "
+        f"stored zero-centred scale (zeros for the identity), or scale_offset=0.0")
+  scale = jnp.asarray(scale)
+  dtype = normalize_lib.output_dtype(x, scale, None if bias is None else jnp.asarray(bias),
+                                     dtype=dtype)
+  return scale.astype(checks.reduction_dtype(scale.dtype)) + scale_offset, dtype
+
+
 def layer_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | None = None, *,
                reduction_axes: Axes = -1, feature_axes: Axes = -1, epsilon: float = 1e-6,
                where: ArrayLike | None = None, axis_name: AxisName | None = None,
-               axis_index_groups: Groups = None, dtype: Any = None) -> Array:
+               axis_index_groups: Groups = None, dtype: Any = None,
+               scale_offset: float = 0.0) -> Array:
   """Layer normalization (Ba, Kiros and Hinton 2016): statistics over each example's features.
 
-  .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\cdot \\gamma + \\beta
+  .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\cdot
+     (\\gamma + o) + \\beta
 
   with mean and variance over ``reduction_axes`` (and over devices with ``axis_name``), the valid
-  elements only when ``where`` is given.
+  elements only when ``where`` is given. ``scale_offset`` :math:`o` reads a zero-centred scale:
+  ``scale_offset=1.0`` with a scale initialized to zeros gives :math:`\\hat x (1 + \\gamma)`, the
+  convention of Gemma, Transformer Engine's ``zero_centered_gamma``, tokamax and praxis (the
+  sum is taken in float32 or wider, so a bfloat16 scale near 0 keeps its precision).
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm
     >>> jaxnorm.layer_norm(jnp.array([[1e4 + 1.0, 1e4 - 1.0]]), epsilon=0.0)
     Array([[ 1., -1.]], dtype=float32)
+    >>> jaxnorm.layer_norm(jnp.array([[3.0, 1.0]]), jnp.array([0.5, 0.0]), epsilon=0.0,
+    ...                    scale_offset=1.0)
+    Array([[ 1.5, -1. ]], dtype=float32)
   """
   x = checks.float_input(x, "layer_norm")
+  scale, dtype = offset_scale(x, scale, bias, scale_offset, dtype, "layer_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   reduction_axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
   where = checks.broadcast_mask(where, x.shape)
@@ -115,17 +143,24 @@ def layer_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
 def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Axes = -1,
              feature_axes: Axes = -1, epsilon: float = 1e-6, where: ArrayLike | None = None,
              axis_name: AxisName | None = None, axis_index_groups: Groups = None,
-             dtype: Any = None) -> Array:
+             dtype: Any = None, scale_offset: float = 0.0) -> Array:
   """Root mean square normalization (Zhang and Sennrich 2019).
 
-  .. math:: y = \\frac{x}{\\sqrt{\\mathrm{E}[x^2] + \\epsilon}} \\cdot \\gamma
+  .. math:: y = \\frac{x}{\\sqrt{\\mathrm{E}[x^2] + \\epsilon}} \\cdot (\\gamma + o)
+
+  ``scale_offset`` :math:`o` reads a zero-centred scale, as in :func:`layer_norm`: Gemma's
+  :math:`\\hat x (1 + \\gamma)` is ``scale_offset=1.0`` with the scale stored (and initialized)
+  near 0.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm
     >>> jaxnorm.rms_norm(jnp.array([[3.0, -3.0]]), epsilon=0.0)
     Array([[ 1., -1.]], dtype=float32)
+    >>> jaxnorm.rms_norm(jnp.array([[3.0, -3.0]]), jnp.zeros(2), epsilon=0.0, scale_offset=1.0)
+    Array([[ 1., -1.]], dtype=float32)
   """
   x = checks.float_input(x, "rms_norm")
+  scale, dtype = offset_scale(x, scale, None, scale_offset, dtype, "rms_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
   where = checks.broadcast_mask(where, x.shape)

@@ -151,6 +151,10 @@ class BatchNorm(nn.Module):
 class LayerNorm(nn.Module):
   """Layer normalization (Ba et al. 2016), drop-in for ``flax.linen.LayerNorm``.
 
+  ``scale_offset=1.0`` with ``scale_init=initializers.zeros`` stores the scale zero-centred and
+  gives :math:`\\hat x (1 + \\gamma) + \\beta` (Gemma, Transformer Engine's
+  ``zero_centered_gamma``): checkpoints stored that way load as they are.
+
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
     >>> x = jnp.array([[1e4 + 1.0, 1e4 - 1.0]])
@@ -170,6 +174,7 @@ class LayerNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, mask=None):
@@ -181,11 +186,15 @@ class LayerNorm(nn.Module):
     return functional.layer_norm(
         x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=feature_axes,
         epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        scale_offset=self.scale_offset)
 
 
 class RMSNorm(nn.Module):
   """Root mean square normalization (Zhang and Sennrich 2019), drop-in for ``flax.linen.RMSNorm``.
+
+  ``scale_offset=1.0`` with ``scale_init=initializers.zeros`` gives Gemma's
+  :math:`\\hat x (1 + \\gamma)`, reading its checkpoints as stored.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
@@ -203,6 +212,7 @@ class RMSNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, mask=None):
@@ -214,7 +224,8 @@ class RMSNorm(nn.Module):
     return functional.rms_norm(
         x, scale, reduction_axes=self.reduction_axes, feature_axes=feature_axes,
         epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        scale_offset=self.scale_offset)
 
 
 class GroupNorm(nn.Module):

@@ -22,7 +22,9 @@ class LayerNorm(nnx.Module):
 
   with the statistics of each example over ``reduction_axes`` (:func:`jaxnorm.layer_norm`).
   Arguments as ``flax.nnx.LayerNorm``; ``num_features`` may be a tuple when ``feature_axes``
-  names several axes.
+  names several axes. ``scale_offset=1.0`` with ``scale_init=zeros_init()`` stores the scale
+  zero-centred, :math:`\\hat x (1 + \\gamma) + \\beta` (Gemma, Transformer Engine's
+  ``zero_centered_gamma``).
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
@@ -50,6 +52,7 @@ class LayerNorm(nnx.Module):
       rngs: nnx.Rngs | None = None,
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_offset: float = 0.0,
   ):
     self.scale, self.bias = scale_and_bias(
         feature_shape_of(num_features), use_scale=use_scale, use_bias=use_bias,
@@ -67,6 +70,7 @@ class LayerNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
+    self.scale_offset = scale_offset
 
   def __call__(self, x, *, mask=None):
     """Normalizes each example of ``x``; ``mask`` selects the elements that enter the stats."""
@@ -76,7 +80,8 @@ class LayerNorm(nnx.Module):
     return functional.layer_norm(
         x, value(self.scale), value(self.bias), reduction_axes=self.reduction_axes,
         feature_axes=feature_axes, epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        scale_offset=self.scale_offset)
 
 
 class RMSNorm(nnx.Module):
@@ -84,7 +89,8 @@ class RMSNorm(nnx.Module):
 
   .. math:: y = \\frac{x}{\\sqrt{\\mathrm{E}[x^2] + \\epsilon}} \\cdot \\gamma
 
-  over ``reduction_axes`` (:func:`jaxnorm.rms_norm`). Arguments as ``flax.nnx.RMSNorm``.
+  over ``reduction_axes`` (:func:`jaxnorm.rms_norm`). Arguments as ``flax.nnx.RMSNorm``;
+  ``scale_offset=1.0`` with ``scale_init=zeros_init()`` gives Gemma's :math:`\\hat x (1 + \\gamma)`.
 
   Example:
     >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
@@ -109,6 +115,7 @@ class RMSNorm(nnx.Module):
       promote_dtype: Any = None,
       rngs: nnx.Rngs | None = None,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      scale_offset: float = 0.0,
   ):
     self.scale, _ = scale_and_bias(
         feature_shape_of(num_features), use_scale=use_scale, use_bias=False,
@@ -125,6 +132,7 @@ class RMSNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
+    self.scale_offset = scale_offset
 
   def __call__(self, x, mask=None):
     """Normalizes each example of ``x``; ``mask`` selects the elements that enter the stats."""
@@ -134,7 +142,8 @@ class RMSNorm(nnx.Module):
     return functional.rms_norm(
         x, value(self.scale), reduction_axes=self.reduction_axes, feature_axes=feature_axes,
         epsilon=self.epsilon, where=mask, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        scale_offset=self.scale_offset)
 
 
 class GroupNorm(nnx.Module):
