@@ -287,7 +287,7 @@ def test_batch_norm_layer_with_a_tuple_axis_name_under_nested_vmap():
   def lane(x):
     return layer.apply(variables, x, mutable=["batch_stats"])
 
-  y, updates = jax.vmap(jax.vmap(lane, axis_name="b"), axis_name="a")(x)
+  y, updates = jax.jit(jax.vmap(jax.vmap(lane, axis_name="b"), axis_name="a"))(x)
   whole = jnn.BatchNorm(use_running_average=False, momentum=0.5)
   y_whole, updates_whole = whole.apply(variables, x.reshape(-1, C), mutable=["batch_stats"])
   np.testing.assert_allclose(y.reshape(-1, C), y_whole, rtol=1e-5, atol=1e-5)

@@ -17,28 +17,7 @@ import jaxnorm
 import jaxnorm.linen as jnn
 import jaxnorm.nnx as jnnx
 from tests import reference
-
-OFFSETS = [0.0, 1e2, 1e4, 1e6]
-
-
-def data(shape, offset=0.0, seed=0, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  return (rng.standard_normal(shape) + offset).astype(dtype)
-
-
-def jit_and_eager(fn, offsets=tuple(OFFSETS), **kwargs):
-  """``[(fn under one jax.jit, offsets), (fn called directly, one far offset)]``.
-
-  Eager calls run op by op (slow on 2 cores), so they take one offset, the jitted all.
-  """
-  bound = functools.partial(fn, **kwargs)
-  return [(jax.jit(bound), offsets), (bound, offsets[-2:-1])]
-
-
-def per_example(param, ndim):
-  """(batch, channels) as (batch, 1, ..., channels)."""
-  param = np.asarray(param, np.float64)
-  return param.reshape((param.shape[0],) + (1,) * (ndim - 2) + (param.shape[1],))
+from tests.test_transformer_norms import data, jit_and_eager, per_example
 
 
 # --- FiLM and AdaLN-Zero --------------------------------------------------------------------
