@@ -130,7 +130,7 @@ def test_batch_of_one_in_training():
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
 def test_integer_input_to_a_layer(layer, dtype):
   x = jnp.ones((4, 6, 8), dtype)
-  with pytest.raises(TypeError, match=r"expects floating-point input, got dtype .*; cast it "
+  with pytest.raises(TypeError, match=r"expects floating-point input( \(or complex\))?, got dtype .*; cast it "
                                       r"first, e.g. x.astype\(jnp.float32\)"):
     layer.init(jax.random.key(0), x)
 

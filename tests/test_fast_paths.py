@@ -180,5 +180,8 @@ def test_environment_variable_forces_the_reference_path():
 
 
 def test_pallas_mode_falls_back_to_the_xla_paths():
+  """Kernels where registered (tests/test_pallas.py), the XLA paths elsewhere."""
+  from jaxnorm._src.fast import pallas
   with jaxnorm.kernels("pallas"):
-    assert dispatch.path("rms_rows", normalize.rms_rows) is xla.rms_rows
+    assert dispatch.path("rms_rows", normalize.rms_rows) is pallas.rms_rows
+    assert dispatch.path("shift_and_scale", normalize.shift_and_scale) is xla.shift_and_scale

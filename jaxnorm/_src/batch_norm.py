@@ -56,7 +56,10 @@ def update_batch_stats(running: BatchStats, batch: Moments, momentum: float, *,
   mean = batch.mean
   finite = jnp.isfinite(mean) & jnp.isfinite(unbiased)
   var_count = count if var_count is None else var_count
-  new_mean = momentum * running.mean + (1 - momentum) * mean.astype(running.mean.dtype)
+  mean_dtype = running.mean.dtype
+  if jnp.iscomplexobj(mean):  # complex input: the running mean becomes complex, as in Flax
+    mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)
+  new_mean = momentum * running.mean + (1 - momentum) * mean.astype(mean_dtype)
   new_var = momentum * running.var + (1 - momentum) * unbiased.astype(running.var.dtype)
   return BatchStats(jnp.where(finite & (count > 1), new_mean, running.mean),
                     jnp.where(finite & (var_count > 1), new_var, running.var))
@@ -88,9 +91,10 @@ def feature_shaped(moments: Moments, feature_axes: tuple[int, ...]) -> Moments:
   return Moments(*(jnp.squeeze(m, squeeze) for m in moments))
 
 
-def checked_input(x: ArrayLike, running, axis: Axes, name: str) -> tuple[Array, tuple[int, ...]]:
+def checked_input(x: ArrayLike, running, axis: Axes, name: str, *, complex_ok: bool = False
+                  ) -> tuple[Array, tuple[int, ...]]:
   """``x`` as a float array and its canonical feature axes, after checking the running stats."""
-  x = checks.float_input(x, name)
+  x = checks.float_input(x, name, complex_ok=complex_ok)
   feature_axes = checks.canonical_axes(axis, x.ndim, name="axis", shape=x.shape)
   if running is not None:
     checks.running_stats_shape(running, tuple(x.shape[a] for a in feature_axes), name)
@@ -123,15 +127,17 @@ Statistic = Callable[[Array, tuple[int, ...], Array | None, AxisName | None, Gro
 def batch_norm_family(name: str, statistic: Statistic, x: ArrayLike, running,
                       scale: ArrayLike | None, bias: ArrayLike | None, *, training: bool,
                       axis: Axes, momentum: float, epsilon: float, where: ArrayLike | None,
-                      axis_name: AxisName | None, axis_index_groups: Groups, dtype: Any):
+                      axis_name: AxisName | None, axis_index_groups: Groups, dtype: Any,
+                      complex_ok: bool = False):
   """The skeleton every batch norm shares: returns ``(y, next_running)``.
 
   In evaluation, ``x`` is normalized with the running statistics, returned unchanged. In
   training, ``statistic`` gives the moments (and correction) to normalize with, and the
   running statistics (any NamedTuple with ``mean`` and ``var``, or None) move towards its
-  ``update`` (:func:`update_batch_stats`).
+  ``update`` (:func:`update_batch_stats`). ``complex_ok``: accept complex ``x`` (plain batch
+  norm, whose statistics have a complex meaning).
   """
-  x, feature_axes = checked_input(x, running, axis, name)
+  x, feature_axes = checked_input(x, running, axis, name, complex_ok=complex_ok)
   if not training:
     if running is None:
       raise ValueError(f"{name} with training=False needs the running statistics; pass "
@@ -177,7 +183,8 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
   running statistics are used and returned unchanged.
 
   Args:
-    x: input, at least 2 values per channel in training.
+    x: input, at least 2 values per channel in training; real or complex (then the mean and
+      the running mean are complex, the variance :math:`E|x - \\mu|^2` real, as in Flax).
     running: the running statistics (:class:`BatchStats`, feature-shaped), or None in training
       to use batch statistics only (then None is returned for them).
     scale, bias: optional per-feature :math:`\\gamma` and :math:`\\beta`.
@@ -203,4 +210,4 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
   return batch_norm_family("batch_norm", batch_statistic, x, running, scale, bias,
                            training=training, axis=axis, momentum=momentum, epsilon=epsilon,
                            where=where, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups, dtype=dtype)
+                           axis_index_groups=axis_index_groups, dtype=dtype, complex_ok=True)

@@ -39,21 +39,43 @@ def canonical_axes(axes: Axes, ndim: int, *, name: str = "axes", shape=None) -> 
   return tuple(sorted(result))
 
 
-def float_input(x: ArrayLike, layer: str) -> Array:
-  """Returns ``x`` as an array, raising a TypeError for non-float input."""
+def float_input(x: ArrayLike, layer: str, *, complex_ok: bool = False) -> Array:
+  """Returns ``x`` as an array, raising a TypeError for input that is not floating point.
+
+  With ``complex_ok``, complex input is accepted too (the norms whose statistics have a complex
+  meaning: mean :math:`E[x]`, variance :math:`E|x - E[x]|^2`, as Flax's).
+  """
   x = jnp.asarray(x)
+  if complex_ok and jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return x
   if not jnp.issubdtype(x.dtype, jnp.floating):
+    kinds = " (or complex)" if complex_ok else ""
     raise TypeError(
-        f"{layer} expects floating-point input, got dtype {x.dtype}; cast it first, "
+        f"{layer} expects floating-point input{kinds}, got dtype {x.dtype}; cast it first, "
         f"e.g. x.astype(jnp.float32), or x.astype(jnp.float32) / 255 for uint8 images")
   return x
 
 
 def reduction_dtype(dtype: Any) -> Any:
-  """The dtype statistics are reduced in: at least float32, float64 stays float64."""
+  """The dtype statistics are reduced in: at least float32 (complex64 for complex input);
+  float64 and complex128 stay as they are."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.promote_types(dtype, jnp.complex64)
   if not jnp.issubdtype(dtype, jnp.floating):
     return jnp.float32
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype: Any) -> Any:
+  """The real dtype of the same precision: float32 for complex64, ``dtype`` for real ones."""
+  return jnp.finfo(dtype).dtype
+
+
+def abs_square(a: Array) -> Array:
+  """:math:`|a|^2`, real: ``a * a`` for real ``a``, ``re² + im²`` for complex."""
+  if jnp.iscomplexobj(a):
+    return a.real * a.real + a.imag * a.imag
+  return a * a
 
 
 def broadcast_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> Array | None:

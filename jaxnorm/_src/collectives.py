@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from jaxnorm._src import checks
+
 AxisName = Hashable
 Groups = Sequence[Sequence[int]] | None
 
@@ -124,14 +126,24 @@ def merge_moments(parts):
   count = jnp.sum(counts, axis=0)
   safe_count = jnp.where(count > 0, count, 1)
   residual = jnp.sum(counts * part_means, axis=0) / safe_count
-  spread = counts * (variances + jnp.square(part_means - residual))
+  spread = counts * (variances + checks.abs_square(part_means - residual))
   return type(parts)(count, shift, residual, jnp.sum(spread, axis=0) / safe_count)
 
 
 def pool_moments(moments, axis_name: AxisName, axis_index_groups: Groups = None):
-  """Every device's moments merged into those of all their elements, with one all_gather."""
-  gathered = gather(jnp.stack(moments), axis_name, axis_index_groups)
-  return merge_moments(type(moments)(*(gathered[:, i] for i in range(4))))
+  """Every device's moments merged into those of all their elements, with one all_gather.
+
+  Complex moments (complex shift and residual) travel as their real and imaginary parts.
+  """
+  count, shift, residual, var = moments
+  if not jnp.iscomplexobj(shift):
+    gathered = gather(jnp.stack(moments), axis_name, axis_index_groups)
+    return merge_moments(type(moments)(*(gathered[:, i] for i in range(4))))
+  parts = (count, shift.real, shift.imag, residual.real, residual.imag, var)
+  gathered = gather(jnp.stack(parts), axis_name, axis_index_groups)
+  count, shift_re, shift_im, residual_re, residual_im, var = (gathered[:, i] for i in range(6))
+  return merge_moments(type(moments)(count, lax.complex(shift_re, shift_im),
+                                     lax.complex(residual_re, residual_im), var))
 
 
 def explicit_shards(x: Array, axes: tuple[int, ...]):

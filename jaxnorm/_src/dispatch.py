@@ -14,8 +14,10 @@ The paths in use are chosen by a mode, read when a function is traced:
   ``benchmarks/speed.py`` shows it pays.
 - ``"reference"``: the reference path everywhere, for debugging and for backends where no fast
   path was ever measured.
-- ``"pallas"``: Pallas kernels where registered, then as ``"xla"``. No kernel is registered
-  yet; the mode exists so that GPU and TPU kernels slot in beside the XLA paths.
+- ``"pallas"``: Pallas kernels where registered (layer and RMS norm over trailing axes:
+  :mod:`jaxnorm._src.fast.pallas`; Triton on GPU, Mosaic on TPU, interpret mode on CPU), then
+  as ``"xla"``. Opt-in until ``benchmarks/accelerator.py`` shows the kernels paying on the
+  hardware.
 
 Set it with the environment variable ``JAXNORM_KERNELS`` (read at import) or the context
 manager :func:`kernels`. A function already compiled under ``jax.jit`` keeps the paths it was

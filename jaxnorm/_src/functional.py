@@ -80,7 +80,7 @@ def normalize(x: ArrayLike, mean: ArrayLike, var: ArrayLike, scale: ArrayLike | 
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
   """
-  x = checks.float_input(x, "normalize")
+  x = checks.float_input(x, "normalize", complex_ok=True)
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   given = normalize_lib.given_moments(mean, var, x, feature_axes)
   return normalize_lib.normalize_with(x, given, scale, bias, feature_axes=feature_axes,
@@ -130,7 +130,7 @@ def layer_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
     ...                    scale_offset=1.0)
     Array([[ 1.5, -1. ]], dtype=float32)
   """
-  x = checks.float_input(x, "layer_norm")
+  x = checks.float_input(x, "layer_norm", complex_ok=True)
   scale, dtype = offset_scale(x, scale, bias, scale_offset, dtype, "layer_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   reduction_axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
@@ -159,7 +159,7 @@ def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Ax
     >>> jaxnorm.rms_norm(jnp.array([[3.0, -3.0]]), jnp.zeros(2), epsilon=0.0, scale_offset=1.0)
     Array([[ 1., -1.]], dtype=float32)
   """
-  x = checks.float_input(x, "rms_norm")
+  x = checks.float_input(x, "rms_norm", complex_ok=True)
   scale, dtype = offset_scale(x, scale, None, scale_offset, dtype, "rms_norm")
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
@@ -221,7 +221,7 @@ def group_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike | N
     >>> jaxnorm.group_norm(x, num_groups=2, epsilon=0.0)
     Array([[-1.,  1., -1.,  1.]], dtype=float32)
   """
-  x = checks.float_input(x, "group_norm")
+  x = checks.float_input(x, "group_norm", complex_ok=True)
   if reduction_axes is None:
     reduction_axes = tuple(range(1, x.ndim - 1)) + (x.ndim - 1,)
   reduction_axes = checks.canonical_axes(reduction_axes, x.ndim, name="reduction_axes",
@@ -255,7 +255,7 @@ def instance_norm(x: ArrayLike, scale: ArrayLike | None = None, bias: ArrayLike 
     Array([[[-1., -1.],
             [ 1.,  1.]]], dtype=float32)
   """
-  x = checks.float_input(x, "instance_norm")
+  x = checks.float_input(x, "instance_norm", complex_ok=True)
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   if 0 in feature_axes:
     raise ValueError(

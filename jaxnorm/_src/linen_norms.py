@@ -53,7 +53,7 @@ def declare_batch_norm(module: nn.Module, x, layer: str):
   ``module`` has :class:`BatchNorm`'s attributes. Returns ``(x, feature_axes, mean, var,
   scale, bias)``: the ``batch_stats`` variables and the ``params`` (or None).
   """
-  x = checks.float_input(x, layer)
+  x = checks.float_input(x, layer, complex_ok=layer == "BatchNorm")
   feature_axes, feature_shape = feature_shape_of(x, module.axis, "axis")
   mean, var = running_stats(module, feature_shape)
   scale, bias = scale_and_bias(
@@ -178,7 +178,7 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None):
-    x = checks.float_input(x, "LayerNorm")
+    x = checks.float_input(x, "LayerNorm", complex_ok=True)
     feature_axes, feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
     scale, bias = scale_and_bias(
         self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,
@@ -216,7 +216,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None):
-    x = checks.float_input(x, "RMSNorm")
+    x = checks.float_input(x, "RMSNorm", complex_ok=True)
     feature_axes, feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
     scale, _ = scale_and_bias(
         self, feature_shape, use_scale=self.use_scale, use_bias=False,
@@ -256,7 +256,7 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None):
-    x = checks.float_input(x, "GroupNorm")
+    x = checks.float_input(x, "GroupNorm", complex_ok=True)
     scale, bias = scale_and_bias(
         self, (x.shape[-1],), use_scale=self.use_scale, use_bias=self.use_bias,
         scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype)
@@ -291,7 +291,7 @@ class InstanceNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, mask=None):
-    x = checks.float_input(x, "InstanceNorm")
+    x = checks.float_input(x, "InstanceNorm", complex_ok=True)
     feature_axes, feature_shape = feature_shape_of(x, self.feature_axes, "feature_axes")
     scale, bias = scale_and_bias(
         self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,

@@ -48,7 +48,7 @@ class Moments(NamedTuple):
     count: number of valid elements.
     shift: a reference value :math:`K` near the data (no gradient flows through it).
     residual: the mean minus ``shift``.
-    var: the biased (population) variance.
+    var: the biased (population) variance, :math:`E|x - \\mu|^2` (real for complex ``x``).
   """
   count: Array
   shift: Array
@@ -132,7 +132,7 @@ def data_shift(xf: Array, axes: tuple[int, ...], where: Array | None, count: Arr
   index = tuple(slice(0, 1) if a == first else slice(None) for a in range(xf.ndim))
   x_slice, w_slice = xf[index], jnp.broadcast_to(where, xf.shape)[index]
   slice_total = reduce_sum(jnp.where(w_slice, x_slice, 0), rest, group_size)
-  slice_count = reduce_sum(w_slice.astype(xf.dtype), rest, group_size)
+  slice_count = reduce_sum(w_slice.astype(checks.real_dtype(xf.dtype)), rest, group_size)
   shift = lax.cond(
       jnp.any((slice_count == 0) & (count > 0)),
       lambda: safe_divide(reduce_sum(jnp.where(where, xf, 0), axes, group_size), count),
@@ -148,7 +148,7 @@ def moment_sums(xf: Array, count: Array, where: Array | None, axes: tuple[int, .
   if where is not None:
     centred = jnp.where(where, centred, 0)
   return (shift, reduce_sum(centred, axes, group_size),
-          reduce_sum(centred * centred, axes, group_size))
+          reduce_sum(checks.abs_square(centred), axes, group_size))
 
 
 def local_moments(xf: Array, axes: tuple[int, ...], where: Array | None = None,
@@ -159,11 +159,11 @@ def local_moments(xf: Array, axes: tuple[int, ...], where: Array | None = None,
   With ``group_size``, the last axis is reduced in groups of that many channels, each group's
   moments repeated over its channels (:func:`reduce_sum`).
   """
-  count = valid_count(xf.shape, where, axes, xf.dtype, group_size)
+  count = valid_count(xf.shape, where, axes, checks.real_dtype(xf.dtype), group_size)
   sums = dispatch.path("moment_sums", moment_sums)
   shift, total, total_sq = sums(xf, count, where, axes, group_size)
   residual = safe_divide(total, count)
-  var = jnp.maximum(safe_divide(total_sq, count) - residual * residual, 0)
+  var = jnp.maximum(safe_divide(total_sq, count) - checks.abs_square(residual), 0)
   return Moments(count, shift, residual, var)
 
 
@@ -254,7 +254,8 @@ def moments(x: ArrayLike, axes: Axes = None, *, where: ArrayLike | None = None,
   valid at all, mean and variance are 0, never NaN.
 
   Args:
-    x: input array (any real dtype; statistics come back in float32, or float64 for float64).
+    x: input array (any real dtype: statistics come back in float32, or float64 for float64;
+      complex: a complex mean and the real variance :math:`E|x - \\mu|^2`, as Flax's).
     axes: the axes to reduce; None (the default) reduces every axis, as in NumPy.
     where: optional mask broadcastable to ``x``; only its True elements count.
     axis_name: optional name of a mapped axis (``vmap``, ``pmap``, ``shard_map``), or a tuple
@@ -284,15 +285,15 @@ def moments(x: ArrayLike, axes: Axes = None, *, where: ArrayLike | None = None,
 
 def mean_square(xf: Array, axes: tuple[int, ...], where: Array | None = None,
                 axis_name: AxisName | None = None, axis_index_groups: Groups = None) -> Array:
-  """Mean of ``x**2`` over the valid elements (reduced axes kept as size 1), pooled by count.
+  """Mean of ``|x|**2`` over the valid elements (reduced axes kept as size 1), pooled by count.
 
   No cancellation can occur, so no shift is needed; across devices one ``psum`` of the stacked
   count and sum of squares suffices.
   """
-  squares = xf * xf
+  squares = checks.abs_square(xf)
   total = jnp.sum(squares if where is None else jnp.where(where, squares, 0), axis=axes,
                   keepdims=True)
-  count = valid_count(xf.shape, where, axes, xf.dtype)
+  count = valid_count(xf.shape, where, axes, squares.dtype)
   if axis_name is not None:
     count, total = collectives.psum(jnp.stack([count, total]), axis_name, axis_index_groups)
   return safe_divide(total, count)

@@ -153,7 +153,7 @@ class BatchNorm(nnx.Module):
           f"{layer} needs use_running_average: pass it to the constructor "
           f"({layer}(..., use_running_average=False)), to the call (layer(x, "
           f"use_running_average=True)), or set it with model.train() / model.eval()")
-    x = checks.float_input(x, layer)
+    x = checks.float_input(x, layer, complex_ok=layer == "BatchNorm")
     feature_axes = check_features(x, self.axis, self.mean[...].shape, layer=layer, name="axis")
     return x, feature_axes, not use_running_average
 

@@ -113,9 +113,17 @@ def check_features(x: jax.Array, axes: Axes, feature_shape: tuple[int, ...], *, 
 
 
 def store(variable: nnx.Variable, new_value: jax.Array, layer: str) -> None:
-  """Writes running statistics, which carry no gradient, into ``variable``."""
+  """Writes running statistics, which carry no gradient, into ``variable``.
+
+  A value of another dtype replaces the old one (complex input makes the running mean complex,
+  where writing into the float32 array would drop the imaginary part).
+  """
+  new_value = jax.lax.stop_gradient(new_value)
   try:
-    variable[...] = jax.lax.stop_gradient(new_value)
+    if new_value.dtype == variable.get_value().dtype:
+      variable[...] = new_value
+    else:
+      variable.set_value(new_value)
   except errors.TraceContextError as error:
     raise errors.TraceContextError(
         f"{layer} in training updates its running statistics, but it was called inside a JAX "

@@ -74,7 +74,7 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x, *, mask=None):
     """Normalizes each example of ``x``; ``mask`` selects the elements that enter the stats."""
-    x = checks.float_input(x, "LayerNorm")
+    x = checks.float_input(x, "LayerNorm", complex_ok=True)
     feature_axes = check_features(x, self.feature_axes, feature_shape_of(self.num_features),
                                   layer="LayerNorm", name="feature_axes")
     return functional.layer_norm(
@@ -136,7 +136,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x, mask=None):
     """Normalizes each example of ``x``; ``mask`` selects the elements that enter the stats."""
-    x = checks.float_input(x, "RMSNorm")
+    x = checks.float_input(x, "RMSNorm", complex_ok=True)
     feature_axes = check_features(x, self.feature_axes, feature_shape_of(self.num_features),
                                   layer="RMSNorm", name="feature_axes")
     return functional.rms_norm(
@@ -205,7 +205,7 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x, *, mask=None):
     """Normalizes each example of ``x`` per group of channels (the last axis)."""
-    x = checks.float_input(x, "GroupNorm")
+    x = checks.float_input(x, "GroupNorm", complex_ok=True)
     check_features(x, -1, (self.num_features,), layer="GroupNorm", name=None)
     return functional.group_norm(
         x, value(self.scale), value(self.bias), num_groups=self.num_groups,
@@ -267,7 +267,7 @@ class InstanceNorm(nnx.Module):
 
   def __call__(self, x, *, mask=None):
     """Normalizes each example and channel of ``x`` over its other axes."""
-    x = checks.float_input(x, "InstanceNorm")
+    x = checks.float_input(x, "InstanceNorm", complex_ok=True)
     feature_axes = check_features(x, self.feature_axes, feature_shape_of(self.num_features),
                                   layer="InstanceNorm", name="feature_axes")
     return functional.instance_norm(

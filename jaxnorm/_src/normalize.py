@@ -65,7 +65,7 @@ def given_moments(mean: ArrayLike, var: ArrayLike, x: Array,
   """Moments from given statistics of the feature shape (or broadcasting against ``x``)."""
   dtype = checks.reduction_dtype(x.dtype)
   mean = checks.feature_param(mean, x.shape, feature_axes, "mean").astype(dtype)
-  var = checks.feature_param(var, x.shape, feature_axes, "var").astype(dtype)
+  var = checks.feature_param(var, x.shape, feature_axes, "var").astype(checks.real_dtype(dtype))
   mean, var = (jnp.reshape(a, (1,) * x.ndim) if a.ndim == 0 else a for a in (mean, var))
   return Moments(jnp.ones_like(var), mean, jnp.zeros_like(mean), var)
 
@@ -80,7 +80,7 @@ def normalize_with(x: Array, moments: Moments, scale: ArrayLike | None = None,
   ``gain`` and ``offset`` broadcast against the moments. The result is in ``dtype``, by
   default the result type of ``x``, ``scale`` and ``bias``.
   """
-  xf = x.astype(moments.var.dtype)
+  xf = x.astype(jnp.result_type(moments.shift, moments.var))
   scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
   bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
   out_dtype = output_dtype(x, scale, bias, dtype=dtype)

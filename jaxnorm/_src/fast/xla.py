@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from jaxnorm._src import moments as moments_lib
+from jaxnorm._src import normalize as normalize_lib
 from jaxnorm._src.moments import Moments, reduce_sum, safe_divide
 
 # The plain sums are used where every mean is within 4 standard deviations of 0: there
@@ -40,10 +41,21 @@ NEAR_ZERO = 16.0
 FUSED_ROWS = 4096
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def moment_sums(xf: Array, count: Array, where: Array | None, axes: tuple[int, ...],
                 group_size: int | None) -> tuple[Array, Array, Array]:
   """The shift and the sums of ``x - shift`` and of its square (:func:`moments.moment_sums`).
+
+  Complex input takes the reference path (no fast path of this module is written for it).
+  """
+  if jnp.iscomplexobj(xf):
+    return moments_lib.moment_sums(xf, count, where, axes, group_size)
+  return _moment_sums(xf, count, where, axes, group_size)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _moment_sums(xf: Array, count: Array, where: Array | None, axes: tuple[int, ...],
+                 group_size: int | None) -> tuple[Array, Array, Array]:
+  """The real path of :func:`moment_sums`.
 
   First the plain sums of ``x`` and ``x**2`` (shift 0). Only where some mean is farther than 4
   standard deviations from 0 (or a sum is not finite), a second pass takes the data's shift, at
@@ -72,7 +84,7 @@ def moment_sums(xf: Array, count: Array, where: Array | None, axes: tuple[int, .
   return lax.cond(jnp.all(near_zero), lambda: (jnp.zeros_like(total), total, total_sq), shifted)
 
 
-@moment_sums.defjvp
+@_moment_sums.defjvp
 def _moment_sums_jvp(axes, group_size, primals, tangents):
   """d(sum of c) = sum of dc, d(sum of c^2) = sum of 2c dc; count and shift get none.
 
@@ -81,7 +93,7 @@ def _moment_sums_jvp(axes, group_size, primals, tangents):
   """
   xf, count, where = primals
   dx = tangents[0]
-  shift, total, total_sq = moment_sums(xf, count, where, axes, group_size)
+  shift, total, total_sq = _moment_sums(xf, count, where, axes, group_size)
   rounded_mean = shift + safe_divide(total, count)
   centred = (xf + (-rounded_mean)) + (rounded_mean - shift)
   dc = dx if where is None else jnp.where(where, dx, 0)
@@ -93,6 +105,8 @@ def _moment_sums_jvp(axes, group_size, primals, tangents):
 def shift_and_scale(xf: Array, shift: Array, residual: Array, multiplier: Array,
                     addend: Array) -> Array:
   """:func:`normalize.shift_and_scale` with its per-channel inputs computed once on CPU."""
+  if jnp.iscomplexobj(xf):
+    return normalize_lib.shift_and_scale(xf, shift, residual, multiplier, addend)
   per_channel = lax.platform_dependent(
       shift, residual, multiplier, addend,
       cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a)
@@ -167,6 +181,8 @@ def _inexact(param: Array | None, dtype: Any) -> Array | None:
 def normalize_rows(xf: Array, where: Array | None, scale: Array | None, bias: Array | None,
                    axes: tuple[int, ...], epsilon: float) -> tuple[Array, Moments]:
   """:func:`normalize.normalize_rows`, differentiated in closed form; fused rows on CPU."""
+  if jnp.iscomplexobj(xf):
+    return normalize_lib.normalize_rows(xf, where, scale, bias, axes, epsilon)
   scale, bias = _inexact(scale, xf.dtype), _inexact(bias, xf.dtype)
   if fuses_rows(xf.shape, where, axes):
     return lax.platform_dependent(
@@ -240,6 +256,8 @@ def _normalize_local_jvp(axes, epsilon, fused, primals, tangents):
 def rms_rows(xf: Array, where: Array | None, scale: Array | None, axes: tuple[int, ...],
              epsilon: float) -> Array:
   """:func:`normalize.rms_rows`, differentiated in closed form; fused rows on CPU."""
+  if jnp.iscomplexobj(xf):
+    return normalize_lib.rms_rows(xf, where, scale, axes, epsilon)
   scale = _inexact(scale, xf.dtype)
   if fuses_rows(xf.shape, where, axes):
     return lax.platform_dependent(cpu=lambda: _rms_local(xf, None, scale, axes, epsilon, True),

@@ -1,0 +1,400 @@
+"""Pallas kernels for layer and RMS norm over the last axis of a ``(rows, features)`` array.
+
+Each program of the grid holds a block of whole rows and reduces each row where it sits (in
+registers on a GPU, in VMEM on a TPU): layer norm by the corrected two-pass formula,
+
+.. math:: m = \\frac{1}{n}\\sum_i x_i, \\quad r = \\frac{1}{n}\\sum_i (x_i - m), \\quad
+   \\sigma^2 = \\frac{1}{n}\\sum_i \\big((x_i - m) - r\\big)^2
+
+(Chan, Golub and LeVeque 1983; right at any distance from zero, for it reads memory once like
+the fast one-pass formula), RMS norm by the mean square. Statistics are float32 whatever the
+input dtype. The backward kernels recompute :math:`\\hat x` from ``x`` and the row statistics
+and write ``dx``; the gradients of ``scale`` and ``bias`` (sums over rows) come out as one
+partial sum per program, which XLA adds up.
+
+One kernel body serves two layouts, :class:`Plan` says which:
+
+- ``"triton"`` (GPU, Pallas-Triton): every array a power of two, so a block is
+  ``next_power_of_2(features)`` wide, loads and stores are masked at the row and column
+  edges, and the backward walks several row chunks per program to keep the partial sums small.
+- ``"mosaic"`` (TPU): a block is the whole feature axis wide and a multiple of the sublane
+  tile (8 rows of 32 bits) tall; Mosaic masks the edge blocks itself.
+
+Either runs anywhere in Pallas interpret mode (``interpret=True``), which is how the tests check
+them on a CPU; on its own platform each lowers to one custom call (``__gpu$xla.gpu.triton`` or
+``tpu_custom_call``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+F32 = jnp.float32
+# Widest row a kernel holds at once; wider rows take the XLA path.
+MAX_FEATURES = 32768
+# Triton: elements of x a program reduces at once (rows per chunk = this / width, at least 1).
+TRITON_CHUNK_ELEMENTS = 4096
+# Triton backward: row chunks per program (fewer where there are few rows), and the number of
+# programs below which it takes no more chunks.
+TRITON_MAX_STEPS = 32
+TRITON_MIN_PROGRAMS = 512
+# Mosaic: bytes of a float32 block of x. The pipeline double-buffers every block (x, dy, dx in
+# the backward) and the body holds a few float32 temporaries of the block's size: at 512 KiB
+# that stays well inside the 16 MiB of VMEM a kernel gets by default.
+MOSAIC_BLOCK_BYTES = 1 << 19
+
+
+class Plan(NamedTuple):
+  """How a ``(rows, features)`` array is cut into blocks for one layout.
+
+  Attributes:
+    layout: ``"triton"`` or ``"mosaic"``.
+    rows, features: the array's shape.
+    width: the block's width (``features``, or the next power of two for Triton).
+    chunk_rows: rows reduced at once.
+    steps: chunks per program in the backward kernels (1 in the forward).
+    interpret: run in Pallas interpret mode (any platform; slow).
+  """
+  layout: str
+  rows: int
+  features: int
+  width: int
+  chunk_rows: int
+  steps: int
+  interpret: bool
+
+  @property
+  def padded(self) -> bool:
+    return self.width != self.features
+
+  def block_rows(self, backward: bool) -> int:
+    return self.chunk_rows * (self.steps if backward else 1)
+
+  def grid(self, backward: bool) -> int:
+    return pl.cdiv(self.rows, self.block_rows(backward))
+
+
+def plan_for(layout: str, rows: int, features: int, dtype: Any, *,
+             interpret: bool = False) -> Plan | None:
+  """The blocks of ``layout`` for a ``(rows, features)`` array of ``dtype``, or ``None``
+  where that layout has no kernel for the shape (empty, or rows wider than
+  :data:`MAX_FEATURES`)."""
+  if rows < 1 or not 1 <= features <= MAX_FEATURES:
+    return None
+  if layout == "triton":
+    width = pl.next_power_of_2(features)
+    chunk = max(1, TRITON_CHUNK_ELEMENTS // width)
+    steps = max(1, min(TRITON_MAX_STEPS, rows // (chunk * TRITON_MIN_PROGRAMS)))
+    return Plan(layout, rows, features, width, chunk, steps, interpret)
+  if layout == "mosaic":
+    sublanes = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+    block = max(sublanes, MOSAIC_BLOCK_BYTES // (4 * features) // sublanes * sublanes)
+    block = rows if rows <= block else min(block, 512)
+    return Plan(layout, rows, features, features, block, 1, interpret)
+  raise ValueError(f"layout={layout!r}; use 'triton' or 'mosaic'")
+
+
+def _row_spec(plan: Plan, backward: bool, width: int) -> pl.BlockSpec:
+  return pl.BlockSpec((plan.block_rows(backward), width), lambda i: (i, 0))
+
+
+def _call(kernel, plan: Plan, backward: bool, inputs: list[tuple[Array | None, str]],
+          outputs: list[tuple[tuple[int, ...], Any, str]], name: str):
+  """``pallas_call`` over row blocks; each input and output is ``(array, kind)`` with kind
+  ``"rows"`` (rows, features), ``"vector"`` (1, features), ``"stat"`` (rows, 1) or
+  ``"partial"`` (one (1, features) row per program). ``None`` inputs are left out."""
+  specs = {
+      "rows": _row_spec(plan, backward, plan.width),
+      "stat": _row_spec(plan, backward, 1),
+      "vector": pl.BlockSpec((1, plan.width), lambda i: (0, 0)),
+      "partial": pl.BlockSpec((pl.squeezed, 1, plan.width), lambda i: (i, 0, 0)),
+  }
+  present = [(a, kind) for a, kind in inputs if a is not None]
+  grid = plan.grid(backward)
+  out_shape = [jax.ShapeDtypeStruct((grid, 1, plan.features) if kind == "partial" else shape,
+                                    dtype) for shape, dtype, kind in outputs]
+  options: dict[str, Any] = {}
+  if plan.interpret:
+    options["interpret"] = True
+  elif plan.layout == "triton":
+    elements = plan.chunk_rows * plan.width
+    options["compiler_params"] = pltriton.CompilerParams(
+        num_warps=min(16, max(4, elements // 1024)), num_stages=1)
+  else:
+    options["compiler_params"] = pltpu.CompilerParams(dimension_semantics=("parallel",))
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(grid,),
+      in_specs=[specs[kind] for _, kind in present],
+      out_specs=[specs[kind] for _, _, kind in outputs], name=name, **options,
+  )(*(a for a, _ in present))
+
+
+class _Block:
+  """Loads and stores of one chunk of rows, masked at the edges for Triton."""
+
+  def __init__(self, plan: Plan, block_start, step):
+    self.plan = plan
+    self.start = step * plan.chunk_rows
+    self.first_row = block_start + self.start
+
+  # The masks are built where used, so that a kernel holds only the ones it needs.
+  @functools.cached_property
+  def row_valid(self) -> Array:
+    rows = lax.broadcasted_iota(jnp.int32, (self.plan.chunk_rows, 1), 0)
+    return self.first_row + rows < self.plan.rows
+
+  @functools.cached_property
+  def col_valid(self) -> Array:
+    return lax.broadcasted_iota(jnp.int32, (1, self.plan.width), 1) < self.plan.features
+
+  def _at(self, ref):
+    return ref.at[pl.ds(self.start, self.plan.chunk_rows), :]
+
+  def load(self, ref, kind: str = "rows") -> Array:
+    """A chunk of a ``rows``/``stat`` input or the whole ``vector`` input, as float32."""
+    ref = ref if kind == "vector" else self._at(ref)
+    if self.plan.layout != "triton":
+      return ref[...].astype(F32)
+    mask = {"rows": self.row_valid & self.col_valid, "stat": self.row_valid,
+            "vector": self.col_valid}[kind]
+    return pltriton.load(ref, mask=mask, other=0).astype(F32)
+
+  def store(self, ref, value: Array, kind: str = "rows") -> None:
+    if kind != "partial":
+      ref = self._at(ref)
+    value = value.astype(ref.dtype)
+    if self.plan.layout != "triton":
+      ref[...] = value
+      return
+    mask = {"rows": self.row_valid & self.col_valid, "stat": self.row_valid,
+            "partial": self.col_valid}[kind]
+    pltriton.store(ref, value, mask=mask)
+
+  def columns(self, value: Array) -> Array:
+    """``value`` with the padding columns (Triton) set to 0."""
+    return jnp.where(self.col_valid, value, 0) if self.plan.padded else value
+
+  def column_sum(self, value: Array) -> Array:
+    """Sum over this chunk's valid rows, shape (1, width) (the edge rows hold garbage)."""
+    return jnp.sum(jnp.where(self.row_valid, value, 0), axis=0, keepdims=True)
+
+
+def _chunks(plan: Plan, backward: bool, body, carry):
+  """Runs ``body(block, carry)`` over the chunks of one program's rows."""
+  steps = plan.steps if backward else 1
+  # The program id is read here, outside the loop (interpret mode only substitutes it there).
+  block_start = pl.program_id(0) * plan.block_rows(backward)
+  if steps == 1:
+    return body(_Block(plan, block_start, 0), carry)
+  return lax.fori_loop(0, steps, lambda s, c: body(_Block(plan, block_start, s), c), carry)
+
+
+def _row_mean(value: Array, n: int) -> Array:
+  return jnp.sum(value, axis=1, keepdims=True) * (1.0 / n)
+
+
+# ---- layer norm ------------------------------------------------------------------------------
+
+def _layer_norm_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
+                           has_bias: bool):
+  x_ref, *refs = refs
+  scale_ref = refs.pop(0) if has_scale else None
+  bias_ref = refs.pop(0) if has_bias else None
+  y_ref, shift_ref, residual_ref, var_ref = refs
+  n = plan.features
+
+  def body(block, carry):
+    x = block.load(x_ref)
+    shift = _row_mean(x, n)
+    centred = block.columns(x - shift)
+    residual = _row_mean(centred, n)
+    deviation = block.columns(centred - residual)
+    var = _row_mean(deviation * deviation, n)
+    y = deviation * lax.rsqrt(var + epsilon)
+    if has_scale:
+      y = y * block.load(scale_ref, "vector")
+    if has_bias:
+      y = y + block.load(bias_ref, "vector")
+    block.store(y_ref, y)
+    for ref, value in ((shift_ref, shift), (residual_ref, residual), (var_ref, var)):
+      block.store(ref, value, "stat")
+    return carry
+
+  _chunks(plan, False, body, 0)
+
+
+def _layer_norm_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
+                           has_bias: bool):
+  x_ref, *refs = refs
+  scale_ref = refs.pop(0) if has_scale else None
+  (dy_ref, shift_ref, residual_ref, var_ref, d_residual_ref, d_var_ref, dx_ref,
+   *partial_refs) = refs
+  n = plan.features
+
+  def body(block, sums):
+    x, dy = block.load(x_ref), block.load(dy_ref)
+    shift, residual, var = (block.load(r, "stat") for r in (shift_ref, residual_ref, var_ref))
+    rstd = lax.rsqrt(var + epsilon)
+    deviation = block.columns((x - shift) - residual)
+    xhat = deviation * rstd
+    g = dy * block.load(scale_ref, "vector") if has_scale else dy
+    dx = rstd * (g - _row_mean(g, n) - xhat * _row_mean(g * xhat, n))
+    # Cotangents of the returned statistics: d residual / dx = 1/n, d var / dx = 2 (x - mean)/n.
+    dx = dx + (block.load(d_residual_ref, "stat")
+               + 2.0 * block.load(d_var_ref, "stat") * deviation) * (1.0 / n)
+    block.store(dx_ref, dx)
+    terms = ((dy * xhat,) if has_scale else ()) + ((dy,) if has_bias else ())
+    return tuple(s + block.column_sum(t) for s, t in zip(sums, terms))
+
+  sums = _chunks(plan, True, body, tuple(jnp.zeros((1, plan.width), F32) for _ in partial_refs))
+  for ref, total in zip(partial_refs, sums):
+    _Block(plan, 0, 0).store(ref, total, "partial")
+
+
+class Spec(NamedTuple):
+  """The static part of a kernel call: epsilon, output dtype and the plan."""
+  epsilon: float
+  out_dtype: Any
+  plan: Plan
+
+
+def _as_vector(param: Array | None) -> Array | None:
+  return None if param is None else param.reshape(1, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_rows(x: Array, scale: Array | None, bias: Array | None,
+                    spec: Spec) -> tuple[Array, Array, Array, Array]:
+  """Layer norm of each row of a 2-D ``x``, by the kernel of ``spec.plan``.
+
+  Args:
+    x: ``(rows, features)``, any float dtype (statistics in float32).
+    scale, bias: ``(features,)`` or ``None``.
+    spec: epsilon, output dtype and plan (:func:`plan_for`).
+
+  Returns:
+    ``y`` in ``spec.out_dtype``, and per row (shape ``(rows, 1)``, float32) the shift
+    :math:`m`, the residual :math:`r` (the mean is :math:`m + r`) and the variance.
+  """
+  return _layer_norm_fwd(x, scale, bias, spec)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, spec):
+  plan, rows = spec.plan, spec.plan.rows
+  stat = ((rows, 1), F32, "stat")
+  kernel = functools.partial(_layer_norm_fwd_kernel, plan=plan, epsilon=spec.epsilon,
+                             has_scale=scale is not None, has_bias=bias is not None)
+  y, shift, residual, var = _call(
+      kernel, plan, False,
+      [(x, "rows"), (_as_vector(scale), "vector"), (_as_vector(bias), "vector")],
+      [(x.shape, spec.out_dtype, "rows"), stat, stat, stat], "jaxnorm_layer_norm_fwd")
+  return (y, shift, residual, var), (x, scale, bias, shift, residual, var)
+
+
+def _layer_norm_bwd(spec, saved, cotangents):
+  x, scale, bias, shift, residual, var = saved
+  dy, _, d_residual, d_var = cotangents  # the shift is a constant (as the XLA path's)
+  plan = spec.plan
+  kernel = functools.partial(_layer_norm_bwd_kernel, plan=plan, epsilon=spec.epsilon,
+                             has_scale=scale is not None, has_bias=bias is not None)
+  partial = ((1,), F32, "partial")
+  outs = _call(
+      kernel, plan, True,
+      [(x, "rows"), (_as_vector(scale), "vector"), (dy, "rows"), (shift, "stat"),
+       (residual, "stat"), (var, "stat"), (d_residual.astype(F32), "stat"),
+       (d_var.astype(F32), "stat")],
+      [(x.shape, x.dtype, "rows")] + [partial] * ((scale is not None) + (bias is not None)),
+      "jaxnorm_layer_norm_bwd")
+  dx, *partials = outs
+  d_scale = d_bias = None
+  if scale is not None:
+    d_scale = jnp.sum(partials.pop(0), axis=(0, 1)).astype(scale.dtype)
+  if bias is not None:
+    d_bias = jnp.sum(partials.pop(0), axis=(0, 1)).astype(bias.dtype)
+  return dx, d_scale, d_bias
+
+
+layer_norm_rows.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+# ---- RMS norm --------------------------------------------------------------------------------
+
+def _rms_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool):
+  x_ref, *refs = refs
+  scale_ref = refs.pop(0) if has_scale else None
+  (y_ref,) = refs
+
+  def body(block, carry):
+    x = block.load(x_ref)
+    y = x * lax.rsqrt(_row_mean(x * x, plan.features) + epsilon)
+    if has_scale:
+      y = y * block.load(scale_ref, "vector")
+    block.store(y_ref, y)
+    return carry
+
+  _chunks(plan, False, body, 0)
+
+
+def _rms_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool):
+  x_ref, *refs = refs
+  scale_ref = refs.pop(0) if has_scale else None
+  dy_ref, dx_ref, *partial_refs = refs
+  n = plan.features
+
+  def body(block, sums):
+    x, dy = block.load(x_ref), block.load(dy_ref)
+    inverse_rms = lax.rsqrt(_row_mean(x * x, n) + epsilon)
+    xhat = x * inverse_rms
+    g = dy * block.load(scale_ref, "vector") if has_scale else dy
+    block.store(dx_ref, inverse_rms * (g - xhat * _row_mean(g * xhat, n)))
+    return tuple(s + block.column_sum(dy * xhat) for s in sums)
+
+  sums = _chunks(plan, True, body, tuple(jnp.zeros((1, plan.width), F32) for _ in partial_refs))
+  for ref, total in zip(partial_refs, sums):
+    _Block(plan, 0, 0).store(ref, total, "partial")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm_rows(x: Array, scale: Array | None, spec: Spec) -> Array:
+  """RMS norm of each row of a 2-D ``x``, ``x / sqrt(mean(x**2) + epsilon) * scale``.
+
+  Args:
+    x: ``(rows, features)``, any float dtype (the mean square in float32).
+    scale: ``(features,)`` or ``None``.
+    spec: epsilon, output dtype and plan (:func:`plan_for`).
+
+  Returns:
+    ``y`` in ``spec.out_dtype``.
+  """
+  return _rms_fwd(x, scale, spec)[0]
+
+
+def _rms_fwd(x, scale, spec):
+  kernel = functools.partial(_rms_fwd_kernel, plan=spec.plan, epsilon=spec.epsilon,
+                             has_scale=scale is not None)
+  (y,) = _call(kernel, spec.plan, False, [(x, "rows"), (_as_vector(scale), "vector")],
+               [(x.shape, spec.out_dtype, "rows")], "jaxnorm_rms_norm_fwd")
+  return y, (x, scale)
+
+
+def _rms_bwd(spec, saved, dy):
+  x, scale = saved
+  kernel = functools.partial(_rms_bwd_kernel, plan=spec.plan, epsilon=spec.epsilon,
+                             has_scale=scale is not None)
+  outs = _call(kernel, spec.plan, True,
+               [(x, "rows"), (_as_vector(scale), "vector"), (dy, "rows")],
+               [(x.shape, x.dtype, "rows")] + [((1,), F32, "partial")] * (scale is not None),
+               "jaxnorm_rms_norm_bwd")
+  dx, *partials = outs
+  d_scale = None if scale is None else jnp.sum(partials[0], axis=(0, 1)).astype(scale.dtype)
+  return dx, d_scale
+
+
+rms_norm_rows.defvjp(_rms_fwd, _rms_bwd)
