@@ -1,7 +1,9 @@
-# Two commands do all the set-up on a fresh machine with Python 3.11 and make:
+# Three commands do all the set-up on a fresh machine with Python 3.11 and make:
 #   make demo   creates .venv, installs jaxnorm with the example extras, runs the demo
 #               (report and plots in outputs/demo/)
 #   make test   creates .venv, installs jaxnorm with the test extras, runs the whole suite
+#   make docs   creates .venv, installs jaxnorm with the docs extra, builds the documentation
+#               site into docs/_build/html (warnings are errors; no network needed)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 # CI=true (.ci/run sets it), where a missing PyTorch fails the run.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,18 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile -q
+
+$(VENV)/.docs-installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $@
+
+# A fresh build each time (-E), so that every warning shows and fails it; the demo's report is
+# included where `make demo` has written it (outputs/demo/), a note otherwise.
+docs: $(VENV)/.docs-installed
+	rm -rf docs/_build/html
+	$(PY) -m sphinx -b html -W --keep-going -E -q docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/speed.py --readme

@@ -14,7 +14,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile(
-    "jaxnorm", max_examples=25, deadline=None, derandomize=True,
+    "jaxnorm", max_examples=12, deadline=None, derandomize=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.load_profile("jaxnorm")

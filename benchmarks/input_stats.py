@@ -1,7 +1,7 @@
 """Speed of fitting dataset statistics and of standardizing with them.
 
 Fitting: ``jaxnorm.fit_stats`` over batches (host, float64, exact; with and without the quantile
-histogram), ``jaxnorm.device_stats`` under ``jit`` (one device, float32, no quantiles), against
+sketches), ``jaxnorm.device_stats`` under ``jit`` (one device, float32, no quantiles), against
 NumPy's ``mean`` and ``std`` over the whole array in memory (its defaults, and in float64), and
 ``np.quantile`` for the quartiles, on (100000, 1024) float32 (about 400 MB, offset 1000 so that
 accuracy differs) and on uint8 images (256, 224, 224, 3). Each time is the median of the rounds;

@@ -18,6 +18,7 @@ what the fast paths of ``jaxnorm/_src/fast/`` gain over the reference path.
 
 Run: python benchmarks/speed.py [--quick] [--rounds 5] [--only layer_norm,...] [--readme]
      [--baseline DIR] [--reference-paths]
+(--readme writes the table into docs/guides/performance.md.)
 """
 from __future__ import annotations
 
@@ -408,12 +409,13 @@ def machine():
 
 
 def update_readme(text):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "guides",
+                      "performance.md")
   with open(path) as f:
     readme = f.read()
   start, end = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
   if start not in readme:
-    raise SystemExit(f"README.md has no {start} marker")
+    raise SystemExit(f"{path} has no {start} marker")
   before, rest = readme.split(start, 1)
   _, after = rest.split(end, 1)
   with open(path, "w") as f:
@@ -427,7 +429,7 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--only", default="", help="comma-separated ops")
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+  parser.add_argument("--readme", action="store_true", help="write the table into docs/guides/performance.md")
   parser.add_argument("--baseline", metavar="DIR",
                       help="also time the jaxnorm of this checkout, side by side")
   parser.add_argument("--reference-paths", action="store_true",

@@ -5,11 +5,15 @@ from jaxnorm._src.batch_norm import init_batch_stats
 from jaxnorm._src.batch_norm import update_batch_stats
 from jaxnorm._src.batch_norm_variants import ghost_batch_norm
 from jaxnorm._src.batch_norm_variants import lp_batch_norm
-from jaxnorm._src.dataset_stats import Stats
+from jaxnorm._src.stats_result import Stats
+from jaxnorm._src.accumulator import StatsAccumulator
+from jaxnorm._src.accumulator import accumulate_stats
 from jaxnorm._src.dispatch import kernels
-from jaxnorm._src.dataset_stats import device_stats
-from jaxnorm._src.dataset_stats import fit_stats
-from jaxnorm._src.dataset_stats import merge_across_processes
+from jaxnorm._src.device_stats import device_stats
+from jaxnorm._src.accumulator import fit_stats
+from jaxnorm._src.process_merge import merge_across_processes
+from jaxnorm._src.folding import fold_batch_norm
+from jaxnorm._src.folding import fold_preceding_batch_norm
 from jaxnorm._src.functional import group_norm
 from jaxnorm._src.functional import instance_norm
 from jaxnorm._src.functional import layer_norm
@@ -36,6 +40,7 @@ from jaxnorm._src.scalers import standardize
 from jaxnorm._src.moments import Moments
 from jaxnorm._src.moments import moments
 from jaxnorm._src.moments import reduce_moments
+from jaxnorm._src.stats_io import load_accumulator
 from jaxnorm._src.stats_io import load_stats
 from jaxnorm._src.stats_io import save_stats
 from jaxnorm._src.conditional_norms import ada_layer_norm
@@ -73,6 +78,8 @@ __all__ = (
     "RenormStats",
     "SpectralState",
     "Stats",
+    "StatsAccumulator",
+    "accumulate_stats",
     "ada_layer_norm",
     "ada_ln_zero",
     "adain",
@@ -88,6 +95,8 @@ __all__ = (
     "film",
     "filter_response_norm",
     "fit_stats",
+    "fold_batch_norm",
+    "fold_preceding_batch_norm",
     "ghost_batch_norm",
     "group_norm",
     "head_norm",
@@ -102,6 +111,7 @@ __all__ = (
     "inverse_robust",
     "inverse_standardize",
     "layer_norm",
+    "load_accumulator",
     "load_stats",
     "lp_batch_norm",
     "merge_across_processes",

@@ -1,7 +1,11 @@
 """Flax NNX layers over jaxnorm's pure functions, drop-in for ``flax.nnx``'s norms."""
+from jaxnorm._src.convert_nnx import convert
+from jaxnorm._src.folding import fold_into_layer
+from jaxnorm._src.folding import fold_into_next_layer
 from jaxnorm._src.nnx_batch_norms import BatchNorm
 from jaxnorm._src.nnx_batch_norms import BatchRenorm
 from jaxnorm._src.nnx_batch_norms import GhostBatchNorm
+from jaxnorm._src.freezing import batch_norm_param_filter
 from jaxnorm._src.nnx_norms import GroupNorm
 from jaxnorm._src.nnx_input import InputStat
 from jaxnorm._src.nnx_norms import InstanceNorm
@@ -11,6 +15,7 @@ from jaxnorm._src.nnx_input import MinMaxScale
 from jaxnorm._src.nnx_norms import RMSNorm
 from jaxnorm._src.nnx_input import RobustScale
 from jaxnorm._src.nnx_input import Standardize
+from jaxnorm._src.population_nnx import recompute_batch_stats
 from jaxnorm._src.renorm import renorm_schedule
 from jaxnorm._src.nnx_transformer_norms import AdaLNZero
 from jaxnorm._src.nnx_transformer_norms import AddLayerNorm
@@ -56,5 +61,10 @@ __all__ = (
     "StdConv",
     "TLU",
     "WeightNorm",
+    "batch_norm_param_filter",
+    "recompute_batch_stats",
+    "convert",
+    "fold_into_layer",
+    "fold_into_next_layer",
     "renorm_schedule",
 )

@@ -218,15 +218,15 @@ def stats_dataset(config: Config) -> tuple[np.ndarray, np.ndarray]:
 def dataset_statistics(config: Config, mesh, process_id: int) -> dict[str, np.ndarray]:
   """This process's view of the statistics of the whole dataset, two ways.
 
-  ``fit_*``: ``jaxnorm.fit_stats`` over this process's part only (in batches of 100 rows), then
-  ``jaxnorm.merge_across_processes`` (one process_allgather): exact, quantiles included.
+  ``fit_*``: ``jaxnorm.accumulate_stats`` over this process's part only (in batches of 100 rows),
+  then ``jaxnorm.merge_across_processes`` (two process_allgathers): exact, quantiles included.
   ``device_*``: ``jaxnorm.device_stats`` under ``jax.shard_map`` on the dataset as one global
   array sharded over every device of every process (one all_gather; float32).
   """
   data, ends = stats_dataset(config)
   start = 0 if process_id == 0 else ends[process_id - 1]
   mine = data[start:ends[process_id]]
-  fitted = jaxnorm.fit_stats([mine[i:i + 100] for i in range(0, len(mine), 100)])
+  fitted = jaxnorm.accumulate_stats([mine[i:i + 100] for i in range(0, len(mine), 100)])
   merged = jaxnorm.merge_across_processes(fitted)
   result = {f"fit_{name}": np.asarray(getattr(merged, name)) for name in STATS_FIELDS}
   per_process = len(data) // config.num_processes  # equal shards for the global array

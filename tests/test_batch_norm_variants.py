@@ -408,7 +408,7 @@ def batches_and_masks(draw):
   return x, where, virtual_batch_size
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batches_and_masks())
 def test_ghost_random_shapes_and_masks_match_float64_reference(case):
   x, where, virtual_batch_size = case
@@ -422,7 +422,7 @@ def test_ghost_random_shapes_and_masks_match_float64_reference(case):
   np.testing.assert_allclose(new.var, 0.5 + 0.5 * pooled_var, rtol=1e-4)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batches_and_masks(), st.sampled_from([1, math.inf]))
 def test_lp_random_shapes_and_masks_match_float64_reference(case, p):
   x, where, _ = case

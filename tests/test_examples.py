@@ -62,53 +62,7 @@ def test_sync_batchnorm_shard_map_equals_one_device():
   assert "running mean finite: True" in out
 
 
-def test_mnist1d_batchnorm_quick():
-  out = run_example("mnist1d_batchnorm.py", "--quick")
-  assert "| BatchNorm |" in out and "| no norm |" in out, out
-
-
-def test_batch_size_study_quick():
-  out = run_example("batch_size_study.py", "--quick")
-  for label in ("BatchNorm", "BatchRenorm", "GroupNorm(8)", "LayerNorm"):
-    assert f"| {label} |" in out, out
-
-
-def test_study_training_loop_learns_mnist1d():
-  """The studies' training loop learns MNIST-1D: far above chance after a short run."""
-  sys.path.insert(0, str(EXAMPLES))
-  try:
-    import common
-    data = common.mnist1d(1000)
-    run = common.train(common.CNN(norm="batch"), data, batch_size=50, steps=200,
-                       learning_rate=1e-2, evaluations=2)
-  finally:
-    sys.path.remove(str(EXAMPLES))
-  assert run.test_accuracy > 0.4  # chance is 0.1
-  assert run.curve_loss[-1] < run.curve_loss[0]
-
-
-def test_demo_quick_writes_report_plots_and_results(tmp_path):
-  out = run_example("demo.py", "--quick", "--out", str(tmp_path), timeout=400)
-  assert "Findings:" in out
-  for name in ("report.md", "results.json", "wine_loss.png", "mnist1d_batchnorm.png",
-               "batch_size.png"):
-    assert (tmp_path / name).stat().st_size > 0, name
-  report = (tmp_path / "report.md").read_text()
-  assert "## 3. Norms against batch size" in report and "![batch size](batch_size.png)" in report
-
-
 def test_nnx_quickstart_learns_digits():
   out = run_example("nnx_quickstart.py", "--quick")
   accuracy = float(re.search(r"held-out accuracy with running statistics: ([\d.]+)", out).group(1))
   assert accuracy > 0.5, out  # chance is 0.1
-
-
-def test_weight_standardization_quick():
-  out = run_example("weight_standardization.py", "--quick")
-  for label in ("BatchNorm", "GroupNorm(8)", "WS + GroupNorm(8)"):
-    assert f"| {label} |" in out, out
-
-
-def test_qk_norm_study_quick():
-  out = run_example("qk_norm_study.py", "--quick")
-  assert "| QK-norm |" in out and "| no QK-norm |" in out, out

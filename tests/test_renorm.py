@@ -427,7 +427,7 @@ def test_check_grads_float64_with_r_and_d_frozen(case, masked):
                 rtol=1e-5)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batch=st.integers(2, 9), length=st.integers(1, 3), channels=st.integers(1, 3),
        seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 100.0, 1e4]),
        masked=st.booleans(), rmax=st.sampled_from([1.0, 1.5, 3.0]),

@@ -70,7 +70,7 @@ def test_robust_matches_robust_scaler_exactly_on_integer_data(use_jit, quantile_
   stats = jaxnorm.fit_stats(np.array_split(x, 4))
   np.testing.assert_array_equal(stats.quantile_error, 0)  # on a grid: exact quantiles
   reference = preprocessing.RobustScaler(quantile_range=quantile_range).fit(x.astype(np.float64))
-  # Quantiles other than q25 and q75 come from the host histogram: close over the statistics.
+  # Quantiles other than q25 and q75 come from the stored percentiles, traced under jit too.
   fn = maybe_jit(lambda v: jaxnorm.robust(v, stats, quantile_range=quantile_range), use_jit)
   y = fn(x)
   assert_close(y, reference.transform(x.astype(np.float64)), atol=1e-6)
@@ -80,14 +80,16 @@ def test_robust_matches_robust_scaler_exactly_on_integer_data(use_jit, quantile_
 
 def test_robust_on_continuous_data_within_the_quantile_bound():
   x = np.random.default_rng(4).standard_normal((5000, 2)) * [1, 100]
-  stats = jaxnorm.fit_stats(x)
-  reference = preprocessing.RobustScaler().fit(x)
+  stats = jaxnorm.fit_stats(x)  # 5000 values per channel: sketched, rank error <= 1e-3
+  assert np.all(stats.quantile_error > 0) and np.all(stats.quantile_error <= 1e-3)
+  for q, values in ((0.25, stats.q25), (0.5, stats.median), (0.75, stats.q75)):
+    ranks = np.mean(x <= values, axis=0)
+    assert np.all(np.abs(ranks - q) <= stats.quantile_error + 1 / len(x)), (q, ranks)
   y = np.asarray(jaxnorm.robust(x, stats), np.float64)
-  expected = reference.transform(x)
-  iqr = reference.scale_
-  # median and quartiles each within quantile_error: the output within a few of them per IQR.
-  tolerance = 3 * stats.quantile_error / iqr * (1 + np.abs(expected))
-  assert np.all(np.abs(y - expected) <= tolerance + 1e-5)
+  np.testing.assert_allclose(y, (x - stats.median) / (stats.q75 - stats.q25), rtol=1e-5,
+                             atol=1e-5)
+  expected = preprocessing.RobustScaler().fit(x).transform(x)
+  assert np.all(np.abs(y - expected) <= 0.01 * (1 + np.abs(expected)))
 
 
 def test_zero_variance_channels_do_not_divide_by_zero():
@@ -157,10 +159,15 @@ def test_loaded_stats_work_under_jit_as_a_pytree(tmp_path):
   assert_close(y, jaxnorm.standardize(x, jaxnorm.fit_stats(x)), atol=1e-6)
   assert_close(jax.jit(jaxnorm.robust)(x, stats), jaxnorm.robust(x, jaxnorm.fit_stats(x)),
                atol=1e-6)
-  with pytest.raises(ValueError, match="hold no histogram"):
-    jaxnorm.robust(x, stats, quantile_range=(10, 90))
-  with pytest.raises(ValueError, match="close over the statistics"):
-    jax.jit(functools.partial(jaxnorm.robust, quantile_range=(10, 90)))(x, jaxnorm.fit_stats(x))
+  # Stats hold the percentiles 0..100: other ranges work loaded and as jitted arguments too.
+  robust_10_90 = functools.partial(jaxnorm.robust, quantile_range=(10, 90))
+  assert_close(jax.jit(robust_10_90)(x, stats), robust_10_90(x, jaxnorm.fit_stats(x)), atol=1e-6)
+  with pytest.raises(ValueError, match=r"keep the percentiles 0, 1, ..., 100.*accumulate_stats"):
+    jaxnorm.robust(x, stats, quantile_range=(12.5, 87.5))
+  acc = jaxnorm.accumulate_stats(x)  # an accumulator answers any quantile
+  q_low, q_high = np.quantile(x, [0.125, 0.875], axis=0)
+  assert_close(jaxnorm.robust(x, acc, quantile_range=(12.5, 87.5)),
+               (x - np.median(x, 0)) / np.where(q_high > q_low, q_high - q_low, 1), atol=1e-5)
 
 
 def test_gradients_with_respect_to_the_input():
@@ -209,8 +216,10 @@ def test_bad_arguments_say_how_to_fix_them():
 
 def test_docstrings_hold_their_latex():
   """A backslash escape such as \\f in \\frac must not become a control character."""
-  from jaxnorm._src import dataset_stats, linen_input, scalers, stats_io
-  for module in (scalers, dataset_stats, stats_io, linen_input):
+  from jaxnorm._src import (accumulator, host_moments, linen_input, quantile_sketch, scalers,
+                            stats_io, stats_result)
+  for module in (scalers, accumulator, host_moments, quantile_sketch, stats_result, stats_io,
+                 linen_input):
     own = [(name, obj) for name, obj in vars(module).items()
            if getattr(obj, "__module__", None) == module.__name__]
     for name, obj in [(module.__name__, module)] + own:
@@ -222,7 +231,7 @@ def test_docstrings_hold_their_latex():
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_inverses_match_scikit_learn_inverse_transform(use_jit):
   x = np.round(table(9).astype(np.float64) * [100, 10, 1, 1, 1])  # integers: exact quantiles
-  stats = jaxnorm.fit_stats(x, bins=2**14)
+  stats = jaxnorm.fit_stats(x)  # 400 values per channel: the sketch holds them all
   np.testing.assert_array_equal(stats.quantile_error, 0)
   rng = np.random.default_rng(10)
   y = rng.standard_normal((50, 5)).astype(np.float32)  # arbitrary scaled values
@@ -235,3 +244,55 @@ def test_inverses_match_scikit_learn_inverse_transform(use_jit):
     actual = maybe_jit(inverse, use_jit)(y, stats)
     scale = np.max(np.abs(expected), axis=0)
     assert np.all(np.abs(np.asarray(actual, np.float64) - expected) <= 1e-6 * scale), inverse
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_explicit_constants_equal_the_statistics_forms_and_jax_nn_standardize(use_jit):
+  x = table(11, offset=100.0)
+  stats = jaxnorm.fit_stats(x)
+  mean, std = np.asarray(stats.mean), np.asarray(stats.std)
+  y = maybe_jit(jaxnorm.standardize, use_jit)(x, mean, std)
+  np.testing.assert_allclose(y, jaxnorm.standardize(x, stats), rtol=1e-6, atol=1e-6)
+  safe = np.where(std > 0, std, 1)
+  np.testing.assert_allclose(y, jax.nn.standardize(x, axis=0, mean=mean, variance=safe ** 2,
+                                                   epsilon=0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jaxnorm.inverse_standardize(y, mean, std), x, rtol=1e-5, atol=1e-4)
+  low, high = np.asarray(stats.min), np.asarray(stats.max)
+  y = maybe_jit(functools.partial(jaxnorm.minmax, feature_range=(-1, 1)), use_jit)(x, low, high)
+  # Under jit, high - low is taken from traced float32 values: equal to a float32 rounding.
+  np.testing.assert_allclose(y, jaxnorm.minmax(x, stats, feature_range=(-1, 1)), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(jaxnorm.inverse_minmax(y, low, high, feature_range=(-1, 1)), x,
+                             rtol=1e-5, atol=1e-3)
+  center, scale = np.asarray(stats.median), np.asarray(stats.q75 - stats.q25)
+  y = maybe_jit(jaxnorm.robust, use_jit)(x, center, scale)
+  np.testing.assert_allclose(y, jaxnorm.robust(x, stats), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jaxnorm.inverse_robust(y, center, scale), x, rtol=1e-5, atol=1e-3)
+
+
+def test_explicit_constants_follow_the_channel_axis_and_scalars():
+  rng = np.random.default_rng(12)
+  nchw = rng.integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)
+  mean, std = np.array([120.0, 110.0, 100.0]), np.array([60.0, 55.0, 50.0])
+  y = jaxnorm.standardize(nchw, mean, std, channel_axis=1)
+  expected = (nchw - mean[:, None, None]) / std[:, None, None]  # torchvision's normalize
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jaxnorm.minmax(nchw, 0.0, 255.0, channel_axis=None), nchw / 255.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(jaxnorm.standardize(nchw, 127.5, 127.5, channel_axis=None),
+                             nchw / 127.5 - 1, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="does not fit x.shape"):
+    jaxnorm.standardize(nchw, mean, std)  # channels last by default: 4, not 3
+
+
+def test_constant_forms_say_how_to_fix_a_wrong_call():
+  x = np.ones((3, 2))
+  stats = jaxnorm.fit_stats(np.arange(6.0).reshape(3, 2))
+  with pytest.raises(TypeError, match=r"standardize\(x, mean, std\) needs both constants"):
+    jaxnorm.standardize(x, np.zeros(2))
+  with pytest.raises(TypeError, match=r"takes fitted statistics alone"):
+    jaxnorm.standardize(x, stats, np.ones(2))
+  with pytest.raises(ValueError, match="channel_axis=0 differs from the statistics'"):
+    jaxnorm.minmax(x, stats, channel_axis=0)
+  with pytest.raises(ValueError, match=r"applies to fitted statistics only.*robust\(x, center"):
+    jaxnorm.robust(x, 0.0, 1.0, quantile_range=(10, 90))

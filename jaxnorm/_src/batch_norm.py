@@ -25,7 +25,8 @@ class BatchStats(NamedTuple):
   """Running statistics of batch norm, stored as Flax's ``batch_stats/mean`` and ``/var``.
 
   ``var`` is the running average of the *unbiased* batch variance, as in PyTorch (a batch of
-  2 drawn from a variance of 4 contributes 4 on average, not 2).
+  2 drawn from a variance of 4 contributes 4 on average, not 2), or of the biased one as in
+  Flax with ``unbiased_running_var=False``.
   """
   mean: Array
   var: Array
@@ -37,7 +38,7 @@ def init_batch_stats(feature_shape: int | tuple[int, ...], dtype: Any = jnp.floa
 
 
 def update_batch_stats(running: BatchStats, batch: Moments, momentum: float, *,
-                       var_count: Array | None = None) -> BatchStats:
+                       var_count: Array | None = None, unbiased: bool = True) -> BatchStats:
   """The next running statistics, an exponential moving average of the batch's.
 
   .. math::
@@ -50,17 +51,20 @@ def update_batch_stats(running: BatchStats, batch: Moments, momentum: float, *,
   batch): one bad batch cannot poison them. ``batch`` holds feature-shaped arrays;
   ``var_count`` (default ``batch.count``), the count that must exceed 1 for the variance to
   move (ghost batch norm's: the count where a virtual batch has a degree of freedom).
+  With ``unbiased=False`` the biased :math:`\\sigma^2_B` enters instead of
+  :math:`\\frac{n}{n-1}\\sigma^2_B`: Flax's rule, for models whose statistics must evolve as
+  they did under Flax.
   """
   count = batch.count
-  unbiased = batch.var * count / jnp.maximum(count - 1, 1)
+  batch_var = batch.var * (count / jnp.maximum(count - 1, 1) if unbiased else 1)
   mean = batch.mean
-  finite = jnp.isfinite(mean) & jnp.isfinite(unbiased)
+  finite = jnp.isfinite(mean) & jnp.isfinite(batch_var)
   var_count = count if var_count is None else var_count
   mean_dtype = running.mean.dtype
   if jnp.iscomplexobj(mean):  # complex input: the running mean becomes complex, as in Flax
     mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)
   new_mean = momentum * running.mean + (1 - momentum) * mean.astype(mean_dtype)
-  new_var = momentum * running.var + (1 - momentum) * unbiased.astype(running.var.dtype)
+  new_var = momentum * running.var + (1 - momentum) * batch_var.astype(running.var.dtype)
   return BatchStats(jnp.where(finite & (count > 1), new_mean, running.mean),
                     jnp.where(finite & (var_count > 1), new_var, running.var))
 
@@ -128,14 +132,15 @@ def batch_norm_family(name: str, statistic: Statistic, x: ArrayLike, running,
                       scale: ArrayLike | None, bias: ArrayLike | None, *, training: bool,
                       axis: Axes, momentum: float, epsilon: float, where: ArrayLike | None,
                       axis_name: AxisName | None, axis_index_groups: Groups, dtype: Any,
-                      complex_ok: bool = False):
+                      complex_ok: bool = False, unbiased_running_var: bool = True):
   """The skeleton every batch norm shares: returns ``(y, next_running)``.
 
   In evaluation, ``x`` is normalized with the running statistics, returned unchanged. In
   training, ``statistic`` gives the moments (and correction) to normalize with, and the
   running statistics (any NamedTuple with ``mean`` and ``var``, or None) move towards its
   ``update`` (:func:`update_batch_stats`). ``complex_ok``: accept complex ``x`` (plain batch
-  norm, whose statistics have a complex meaning).
+  norm, whose statistics have a complex meaning). ``unbiased_running_var=False``: the running
+  variance averages the biased batch variance (Flax's rule).
   """
   x, feature_axes = checked_input(x, running, axis, name, complex_ok=complex_ok)
   if not training:
@@ -156,7 +161,7 @@ def batch_norm_family(name: str, statistic: Statistic, x: ArrayLike, running,
   if running is None:
     return y, None
   new = update_batch_stats(BatchStats(running.mean, running.var), part.update, momentum,
-                           var_count=part.var_count)
+                           var_count=part.var_count, unbiased=unbiased_running_var)
   return y, running._replace(mean=new.mean, var=new.var)
 
 
@@ -172,7 +177,8 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
                bias: ArrayLike | None = None, *, training: bool, axis: Axes = -1,
                momentum: float = 0.99, epsilon: float = 1e-5, where: ArrayLike | None = None,
                axis_name: AxisName | None = None, axis_index_groups=None,
-               dtype: Any = None) -> tuple[Array, BatchStats | None]:
+               dtype: Any = None, unbiased_running_var: bool = True
+               ) -> tuple[Array, BatchStats | None]:
   """Batch normalization with explicit state: returns the output and the next running stats.
 
   .. math:: y = \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} \\cdot \\gamma + \\beta
@@ -195,6 +201,10 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
     where: optional mask broadcastable to ``x``: only its True elements enter the statistics.
     axis_name, axis_index_groups: pool the statistics over these devices.
     dtype: output dtype (default: result type of x, scale and bias).
+    unbiased_running_var: the running variance averages the unbiased batch variance
+      :math:`\\frac{n}{n-1}\\sigma^2_B` (PyTorch's rule, the default), or with False the biased
+      :math:`\\sigma^2_B` (Flax's, Haiku's and Keras's rule: what a model trained with them
+      expects). Normalizing a batch uses the biased variance either way.
 
   Returns:
     ``(y, next_running)``.
@@ -210,4 +220,5 @@ def batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | None
   return batch_norm_family("batch_norm", batch_statistic, x, running, scale, bias,
                            training=training, axis=axis, momentum=momentum, epsilon=epsilon,
                            where=where, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups, dtype=dtype, complex_ok=True)
+                           axis_index_groups=axis_index_groups, dtype=dtype, complex_ok=True,
+                           unbiased_running_var=unbiased_running_var)

@@ -219,8 +219,8 @@ def lp_batch_norm(x: ArrayLike, running: BatchStats | None, scale: ArrayLike | N
 
   Args:
     p: 1, 2 or ``math.inf`` (or ``"inf"``).
-    x, running, scale, bias, training, axis, momentum, epsilon, where, axis_name,
-      axis_index_groups, dtype: as :func:`jaxnorm.batch_norm`.
+    x, running, scale, bias, training, axis, momentum, epsilon: as :func:`jaxnorm.batch_norm`.
+    where, axis_name, axis_index_groups, dtype: as :func:`jaxnorm.batch_norm`.
 
   Returns:
     ``(y, next_running)``.

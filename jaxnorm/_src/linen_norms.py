@@ -89,7 +89,9 @@ class BatchNorm(nn.Module):
   Differences from Flax, all fixes: a stable variance at any offset; masked statistics pooled
   by count across devices (a fully masked device contributes nothing); a batch with a
   non-finite statistic, or fewer than 2 valid values, leaves a channel's running statistics
-  unchanged; the running variance averages the unbiased batch variance (as PyTorch).
+  unchanged; the running variance averages the unbiased batch variance (as PyTorch), or with
+  ``unbiased_running_var=False`` the biased one (Flax's rule, to keep a Flax model's statistics
+  evolving as they did).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
@@ -114,6 +116,7 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  unbiased_running_var: bool = True
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -124,11 +127,15 @@ class BatchNorm(nn.Module):
     training = batch_norm_training(self, x, feature_axes, use_running_average,
                                    self._batch_fits(x, feature_axes))
     initializing = self.is_initializing()
+    options = self._options()
+    if not self.unbiased_running_var and "unbiased_running_var" not in options:
+      raise ValueError(f"{type(self).__name__} keeps the unbiased running variance; "
+                       f"unbiased_running_var=False (Flax's rule) is BatchNorm's option only")
     y, new_state = self.function(
         x, self._running(state), scale, bias, training=training, axis=feature_axes,
         momentum=self.momentum, epsilon=self.epsilon, where=mask,
         axis_name=None if initializing else self.axis_name,
-        axis_index_groups=self.axis_index_groups, dtype=self.dtype, **self._options())
+        axis_index_groups=self.axis_index_groups, dtype=self.dtype, **options)
     store_running_stats(self, training, state, new_state)
     return y
 
@@ -142,7 +149,7 @@ class BatchNorm(nn.Module):
     return bn.BatchStats(*(variable.value for variable in state))
 
   def _options(self) -> dict[str, Any]:
-    return {}
+    return {"unbiased_running_var": self.unbiased_running_var}
 
   def _batch_fits(self, x, feature_axes: tuple[int, ...]) -> bool:
     return True

@@ -38,7 +38,9 @@ class BatchNorm(nnx.Module):
   Differences from Flax, all fixes: a stable variance at any offset; masked statistics pooled
   by count across devices; running statistics kept in float32 whatever ``dtype``; a batch with a
   non-finite statistic, or fewer than 2 valid values, leaves a channel's running statistics
-  unchanged; the running variance averages the unbiased batch variance (as PyTorch).
+  unchanged; the running variance averages the unbiased batch variance (as PyTorch), or with
+  ``unbiased_running_var=False`` the biased one (Flax's rule, what ``jaxnorm.nnx.convert``
+  sets so that a converted model's statistics evolve as under Flax).
 
   Args:
     num_features: the size of the feature axis (a tuple when ``axis`` names several).
@@ -53,6 +55,8 @@ class BatchNorm(nnx.Module):
     bias_init, scale_init: their initializers.
     axis_name, axis_index_groups: pool the batch statistics over these devices or lanes.
     use_fast_variance, promote_dtype: accepted for compatibility with Flax, not used.
+    unbiased_running_var: the running variance averages the unbiased batch variance (True,
+      PyTorch's rule) or the biased one (False, Flax's).
     rngs: keys for the initializers (optional when they are constant).
     bias_metadata, scale_metadata: metadata of the ``nnx.Param`` (e.g. sharding).
 
@@ -88,6 +92,7 @@ class BatchNorm(nnx.Module):
       rngs: nnx.Rngs | None = None,
       bias_metadata: Mapping[str, Any] = NO_METADATA,
       scale_metadata: Mapping[str, Any] = NO_METADATA,
+      unbiased_running_var: bool = True,
   ):
     feature_shape = feature_shape_of(num_features)
     running = bn.init_batch_stats(feature_shape, jnp.float32)
@@ -110,6 +115,10 @@ class BatchNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
+    self.unbiased_running_var = unbiased_running_var
+    if not unbiased_running_var and type(self).function is not bn.batch_norm:
+      raise ValueError(f"{type(self).__name__} keeps the unbiased running variance; "
+                       f"unbiased_running_var=False (Flax's rule) is BatchNorm's option only")
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes ``x``; in training, also updates ``mean`` and ``var``.
@@ -140,7 +149,7 @@ class BatchNorm(nnx.Module):
     return bn.BatchStats(self.mean[...], self.var[...])
 
   def _options(self) -> dict[str, Any]:
-    return {}
+    return {"unbiased_running_var": self.unbiased_running_var}
 
   def _prepare(self, x, use_running_average: bool | None) -> tuple[jax.Array, tuple[int, ...],
                                                                    bool]:

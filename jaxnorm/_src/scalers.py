@@ -1,4 +1,4 @@
-"""Input scalers with fitted dataset statistics: standardize, min-max, robust, and presets.
+"""Input scalers with fitted statistics or constants: standardize, min-max, robust, presets.
 
 Every scaler is one per-channel affine map, computed by :func:`rescale` (also the input
 layers' formula):
@@ -15,6 +15,10 @@ scaler                 :math:`c`      :math:`s`              :math:`a`          
 ``minmax``             min            max - min              ``hi - lo``          ``lo``
 ``robust``             median         q75 - q25              1                    0
 =====================  =============  =====================  ===================  =========
+
+Each scaler takes either fitted statistics (``standardize(x, stats)``, the channel axis theirs)
+or the constants themselves (``standardize(x, mean, std)``, ``minmax(x, low, high)``,
+``robust(x, center, scale)``, the channel axis ``channel_axis=-1`` unless given).
 
 A channel whose spread is 0 (a constant feature) is not divided by zero: its spread counts as 1,
 as in scikit-learn, so ``standardize`` and ``robust`` map it to ``x - c`` (0 on the fitted data)
@@ -107,15 +111,58 @@ def inverse_rescale(y: ArrayLike, center: ArrayLike, spread: ArrayLike, *,
                  channel_axis=channel_axis, dtype=dtype)
 
 
-def standardize(x: ArrayLike, stats: Any, *, dtype: Any = None) -> Array:
-  """Standardizes ``x`` with fitted statistics: :math:`y = (x - \\mu) / \\sigma` per channel.
+class _Unset:
+  def __repr__(self):
+    return "<from the statistics, else -1>"
 
-  As scikit-learn's ``StandardScaler`` (biased std); a constant channel (:math:`\\sigma = 0`)
-  becomes :math:`x - \\mu`.
+
+_FROM_STATS = _Unset()
+
+
+def _is_stats(value: Any) -> bool:
+  """Fitted statistics (Stats, or an accumulator, which has ``result``), not constants."""
+  return hasattr(value, "channel_axis") and (hasattr(value, "mean") or hasattr(value, "result"))
+
+
+def _fitted(stats: Any, second: Any, channel_axis: Any, first: str, second_name: str,
+            scaler: str) -> tuple[Any, Any]:
+  """The statistics (an accumulator's result) and their channel axis; checks the call."""
+  if second is not None:
+    raise TypeError(
+        f"{scaler}(x, stats) takes fitted statistics alone; with constants call "
+        f"{scaler}(x, {first}, {second_name}) with arrays, not a Stats and {second_name}")
+  if channel_axis is not _FROM_STATS and channel_axis != stats.channel_axis:
+    raise ValueError(
+        f"channel_axis={channel_axis} differs from the statistics' channel_axis="
+        f"{stats.channel_axis}; leave channel_axis out with fitted statistics")
+  fitted = stats.result() if hasattr(stats, "result") else stats
+  return fitted, stats.channel_axis
+
+
+def _constants(first: Any, second: Any, channel_axis: Any, first_name: str, second_name: str,
+               scaler: str) -> int | None:
+  if second is None:
+    raise TypeError(
+        f"{scaler}(x, {first_name}, {second_name}) needs both constants (or one fitted "
+        f"jaxnorm.Stats: {scaler}(x, stats)); got {first_name} of type {type(first).__name__} "
+        f"and no {second_name}")
+  return -1 if channel_axis is _FROM_STATS else channel_axis
+
+
+def standardize(x: ArrayLike, mean: Any, std: ArrayLike | None = None, *,
+                channel_axis: int | None | _Unset = _FROM_STATS, dtype: Any = None) -> Array:
+  """Standardizes ``x`` per channel: :math:`y = (x - \\mu) / \\sigma`.
+
+  With fitted statistics, ``standardize(x, stats)`` (scikit-learn's ``StandardScaler``, biased
+  std); with constants, ``standardize(x, mean, std)`` (torchvision's ``normalize``, a paper's
+  mean and std). A constant channel (:math:`\\sigma = 0`) becomes :math:`x - \\mu`.
 
   Args:
-    x: input with ``stats.channel_axis`` holding the channels (uint8 allowed).
-    stats: a :class:`jaxnorm.Stats` (or anything with ``mean``, ``std``, ``channel_axis``).
+    x: input (uint8 allowed), channels along the statistics' ``channel_axis``.
+    mean: a :class:`jaxnorm.Stats` (or :class:`jaxnorm.StatsAccumulator`), or the per-channel
+      mean (or one scalar).
+    std: with constants, the per-channel standard deviation; omit it with statistics.
+    channel_axis: with constants, the channel axis of ``x`` (default -1; None for scalars).
     dtype: output dtype.
 
   Example:
@@ -124,13 +171,28 @@ def standardize(x: ArrayLike, stats: Any, *, dtype: Any = None) -> Array:
     >>> jaxnorm.standardize(x, jaxnorm.fit_stats(x))
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
+    >>> jaxnorm.standardize(x, mean=[2.0, 20.0], std=[1.0, 10.0])
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
   """
-  return rescale(x, stats.mean, stats.std, channel_axis=stats.channel_axis, dtype=dtype)
+  if _is_stats(mean):
+    stats, axis = _fitted(mean, std, channel_axis, "mean", "std", "standardize")
+    mean, std = stats.mean, stats.std
+  else:
+    axis = _constants(mean, std, channel_axis, "mean", "std", "standardize")
+  return rescale(x, mean, std, channel_axis=axis, dtype=dtype)
 
 
-def inverse_standardize(y: ArrayLike, stats: Any, *, dtype: Any = None) -> Array:
-  """The inverse of :func:`standardize`: :math:`x = y \\sigma + \\mu`."""
-  return inverse_rescale(y, stats.mean, stats.std, channel_axis=stats.channel_axis, dtype=dtype)
+def inverse_standardize(y: ArrayLike, mean: Any, std: ArrayLike | None = None, *,
+                        channel_axis: int | None | _Unset = _FROM_STATS,
+                        dtype: Any = None) -> Array:
+  """The inverse of :func:`standardize`: :math:`x = y \\sigma + \\mu` (same arguments)."""
+  if _is_stats(mean):
+    stats, axis = _fitted(mean, std, channel_axis, "mean", "std", "inverse_standardize")
+    mean, std = stats.mean, stats.std
+  else:
+    axis = _constants(mean, std, channel_axis, "mean", "std", "inverse_standardize")
+  return inverse_rescale(y, mean, std, channel_axis=axis, dtype=dtype)
 
 
 def check_range(feature_range: tuple[float, float]) -> tuple[float, float]:
@@ -141,14 +203,33 @@ def check_range(feature_range: tuple[float, float]) -> tuple[float, float]:
   return float(low), float(high)
 
 
-def minmax(x: ArrayLike, stats: Any, *, feature_range: tuple[float, float] = (0.0, 1.0),
-           clip: bool = False, dtype: Any = None) -> Array:
-  """Maps each channel's ``[min, max]`` onto ``feature_range`` (scikit-learn's MinMaxScaler).
+def _minmax_args(low, high, channel_axis, scaler):
+  if _is_stats(low):
+    stats, axis = _fitted(low, high, channel_axis, "low", "high", scaler)
+    return stats.min, stats.max, axis
+  return low, high, _constants(low, high, channel_axis, "low", "high", scaler)
 
-  .. math:: y = \\frac{x - \\min}{\\max - \\min} (\\mathrm{hi} - \\mathrm{lo}) + \\mathrm{lo}
 
-  A constant channel (max = min) maps to ``lo``. With ``clip``, values outside the fitted range
-  are clipped to ``feature_range``.
+def minmax(x: ArrayLike, low: Any, high: ArrayLike | None = None, *,
+           feature_range: tuple[float, float] = (0.0, 1.0), clip: bool = False,
+           channel_axis: int | None | _Unset = _FROM_STATS, dtype: Any = None) -> Array:
+  """Maps each channel's ``[low, high]`` onto ``feature_range`` (scikit-learn's MinMaxScaler).
+
+  .. math:: y = \\frac{x - \\mathrm{low}}{\\mathrm{high} - \\mathrm{low}}
+     (b - a) + a, \\qquad (a, b) = \\mathtt{feature\\_range}
+
+  ``minmax(x, stats)`` takes ``low`` and ``high`` from the fitted min and max;
+  ``minmax(x, low, high)`` takes constants (say 0 and 255). A constant channel (high = low) maps
+  to :math:`a`. With ``clip``, values outside the range are clipped to ``feature_range``.
+
+  Args:
+    x: input (uint8 allowed).
+    low: a :class:`jaxnorm.Stats`, or the per-channel low end of the input range.
+    high: with constants, the per-channel high end; omit it with statistics.
+    feature_range: the output range :math:`(a, b)`.
+    clip: clip the output to ``feature_range``.
+    channel_axis: with constants, the channel axis of ``x`` (default -1).
+    dtype: output dtype.
 
   Example:
     >>> import numpy as np, jaxnorm
@@ -156,19 +237,24 @@ def minmax(x: ArrayLike, stats: Any, *, feature_range: tuple[float, float] = (0.
     >>> jaxnorm.minmax(x, jaxnorm.fit_stats(x), feature_range=(-1, 1))
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
+    >>> jaxnorm.minmax(np.array([0, 51, 255], np.uint8), 0.0, 255.0, channel_axis=None)
+    Array([0. , 0.2, 1. ], dtype=float32)
   """
-  low, high = check_range(feature_range)
-  y = rescale(x, stats.min, _spread(stats.max, stats.min), out_scale=high - low, out_bias=low,
-              channel_axis=stats.channel_axis, dtype=dtype)
-  return jnp.clip(y, low, high) if clip else y
+  a, b = check_range(feature_range)
+  low, high, axis = _minmax_args(low, high, channel_axis, "minmax")
+  y = rescale(x, low, _spread(high, low), out_scale=b - a, out_bias=a, channel_axis=axis,
+              dtype=dtype)
+  return jnp.clip(y, a, b) if clip else y
 
 
-def inverse_minmax(y: ArrayLike, stats: Any, *,
-                   feature_range: tuple[float, float] = (0.0, 1.0), dtype: Any = None) -> Array:
-  """The inverse of :func:`minmax` (without clipping)."""
-  low, high = check_range(feature_range)
-  return inverse_rescale(y, stats.min, _spread(stats.max, stats.min), out_scale=high - low,
-                         out_bias=low, channel_axis=stats.channel_axis, dtype=dtype)
+def inverse_minmax(y: ArrayLike, low: Any, high: ArrayLike | None = None, *,
+                   feature_range: tuple[float, float] = (0.0, 1.0),
+                   channel_axis: int | None | _Unset = _FROM_STATS, dtype: Any = None) -> Array:
+  """The inverse of :func:`minmax` (without clipping; same arguments)."""
+  a, b = check_range(feature_range)
+  low, high, axis = _minmax_args(low, high, channel_axis, "inverse_minmax")
+  return inverse_rescale(y, low, _spread(high, low), out_scale=b - a, out_bias=a,
+                         channel_axis=axis, dtype=dtype)
 
 
 def _spread(high: ArrayLike, low: ArrayLike) -> Array:
@@ -186,46 +272,74 @@ def _spread(high: ArrayLike, low: ArrayLike) -> Array:
 
 
 def robust_quantiles(stats: Any, quantile_range: tuple[float, float]) -> tuple[Any, Any]:
-  """The per-channel quantiles at ``quantile_range`` (percent) from fitted statistics."""
+  """The per-channel quantiles at ``quantile_range`` (percent) from fitted statistics.
+
+  ``stats`` is a :class:`jaxnorm.Stats` (any whole percent) or a
+  :class:`jaxnorm.StatsAccumulator` (any percent).
+  """
   low, high = quantile_range
   if not 0 <= low < high <= 100:
     raise ValueError(f"quantile_range={quantile_range} must be (low, high) percentiles with "
                      f"0 <= low < high <= 100, e.g. (25.0, 75.0)")
+  fitted = stats.result() if hasattr(stats, "result") else stats
+  if fitted.median is None:
+    raise ValueError("these statistics hold no quantiles; fit them with "
+                     "jaxnorm.fit_stats(..., quantiles=True) for robust scaling")
   if (low, high) == (25, 75):
-    if stats.q25 is None:
-      raise ValueError("these statistics hold no quantiles; fit them with "
-                       "jaxnorm.fit_stats(..., quantiles=True) for robust scaling")
-    return stats.q25, stats.q75
+    return fitted.q25, fitted.q75
   q_low, q_high = stats.quantile([low / 100, high / 100])
   return q_low, q_high
 
 
-def robust(x: ArrayLike, stats: Any, *, quantile_range: tuple[float, float] = (25.0, 75.0),
-           dtype: Any = None) -> Array:
+def _robust_args(center, scale, quantile_range, channel_axis, scaler):
+  if _is_stats(center):
+    stats, axis = _fitted(center, scale, channel_axis, "center", "scale", scaler)
+    q_low, q_high = robust_quantiles(center, quantile_range)
+    return stats.median, _spread(q_high, q_low), axis
+  if quantile_range != (25.0, 75.0):
+    raise ValueError(f"quantile_range={quantile_range} applies to fitted statistics only; with "
+                     f"constants give the scale itself: {scaler}(x, center, scale)")
+  return center, scale, _constants(center, scale, channel_axis, "center", "scale", scaler)
+
+
+def robust(x: ArrayLike, center: Any, scale: ArrayLike | None = None, *,
+           quantile_range: tuple[float, float] = (25.0, 75.0),
+           channel_axis: int | None | _Unset = _FROM_STATS, dtype: Any = None) -> Array:
   """Centres on the median and divides by an interquantile range (scikit-learn's RobustScaler).
 
   .. math:: y = \\frac{x - \\mathrm{median}}{q_{\\mathrm{high}} - q_{\\mathrm{low}}}
 
-  ``quantile_range`` is in percent; other than (25, 75) it needs the histogram of statistics
-  from :func:`jaxnorm.fit_stats` (not loaded from JSON). A zero range counts as 1.
+  ``robust(x, stats)`` takes the fitted median and quantiles (``quantile_range`` in percent:
+  whole percents from :class:`jaxnorm.Stats`, any from a :class:`jaxnorm.StatsAccumulator`);
+  ``robust(x, center, scale)`` takes constants. A zero scale counts as 1.
+
+  Args:
+    x: input (uint8 allowed).
+    center: a :class:`jaxnorm.Stats` or accumulator, or the per-channel centre.
+    scale: with constants, the per-channel scale; omit it with statistics.
+    quantile_range: with statistics, the percentiles whose difference is the scale.
+    channel_axis: with constants, the channel axis of ``x`` (default -1).
+    dtype: output dtype.
 
   Example:
     >>> import numpy as np, jaxnorm
     >>> x = np.array([[0.0], [1.0], [2.0], [3.0], [100.0]])
     >>> jaxnorm.robust(x, jaxnorm.fit_stats(x))[:, 0]
     Array([-1. , -0.5,  0. ,  0.5, 49. ], dtype=float32)
+    >>> jaxnorm.robust(x, 2.0, 2.0, channel_axis=None)[:, 0]
+    Array([-1. , -0.5,  0. ,  0.5, 49. ], dtype=float32)
   """
-  q_low, q_high = robust_quantiles(stats, quantile_range)
-  return rescale(x, stats.median, _spread(q_high, q_low), channel_axis=stats.channel_axis,
-                 dtype=dtype)
+  center, scale, axis = _robust_args(center, scale, quantile_range, channel_axis, "robust")
+  return rescale(x, center, scale, channel_axis=axis, dtype=dtype)
 
 
-def inverse_robust(y: ArrayLike, stats: Any, *,
-                   quantile_range: tuple[float, float] = (25.0, 75.0), dtype: Any = None) -> Array:
-  """The inverse of :func:`robust`."""
-  q_low, q_high = robust_quantiles(stats, quantile_range)
-  return inverse_rescale(y, stats.median, _spread(q_high, q_low),
-                         channel_axis=stats.channel_axis, dtype=dtype)
+def inverse_robust(y: ArrayLike, center: Any, scale: ArrayLike | None = None, *,
+                   quantile_range: tuple[float, float] = (25.0, 75.0),
+                   channel_axis: int | None | _Unset = _FROM_STATS, dtype: Any = None) -> Array:
+  """The inverse of :func:`robust` (same arguments)."""
+  center, scale, axis = _robust_args(center, scale, quantile_range, channel_axis,
+                                     "inverse_robust")
+  return inverse_rescale(y, center, scale, channel_axis=axis, dtype=dtype)
 
 
 def pixels_to_unit(x: ArrayLike, *, max_value: float = 255.0, dtype: Any = None) -> Array:
@@ -267,7 +381,7 @@ def imagenet_standardize(x: ArrayLike, *, max_value: float = 255.0, channel_axis
   """
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * max_value
   std = jnp.asarray(IMAGENET_STD, jnp.float32) * max_value
-  return rescale(x, mean, std, channel_axis=channel_axis, dtype=dtype)
+  return standardize(x, mean, std, channel_axis=channel_axis, dtype=dtype)
 
 
 INPUT_STATS = "input_stats"
