@@ -239,6 +239,27 @@ def dataset_statistics(config: Config, mesh, process_id: int) -> dict[str, np.nd
   return result
 
 
+def population_statistics(config: Config, mesh) -> dict[str, np.ndarray]:
+  """``jaxnorm.linen.recompute_batch_stats`` of a batch-norm model, on batches that are global
+  arrays sharded over every device of every process (sharded ``jit``, no ``axis_name``)."""
+  import jaxnorm.linen as jnn
+  data = stats_dataset(config)[0].astype(np.float32)
+  model = jnn.BatchNorm(use_running_average=True)
+  variables = model.init(jax.random.key(0), data[:2])
+  rows = 40 * config.num_processes  # each batch: 40 rows per process, 20 per device
+  per_process = rows // config.num_processes
+  sharding = NamedSharding(mesh, P(AXIS))
+  batches = [jax.make_array_from_process_local_data(
+      sharding, data[start:start + rows][jax.process_index() * per_process:
+                                         (jax.process_index() + 1) * per_process])
+             for start in range(0, len(data) - rows + 1, rows)]
+  recomputed = jnn.recompute_batch_stats(model, variables, batches)
+  stats = recomputed["batch_stats"]
+  return {"population_rows": np.array(len(batches) * rows),
+          **{f"population_{name}": np.asarray(jax.device_get(stats[name]))
+             for name in ("mean", "var")}}
+
+
 def configure_host_devices(devices: int) -> None:
   """Gives this process ``devices`` host CPU devices and gloo collectives; call before JAX runs."""
   jax.config.update("jax_platforms", "cpu")
@@ -287,7 +308,8 @@ def run_worker(args: argparse.Namespace) -> int:
             f"{np.round(losses, 4).tolist()}", flush=True)
   if not args.skip_dataset_stats:
     np.savez(out / f"dataset-stats-process{args.process_id}.npz",
-             **dataset_statistics(config, mesh, args.process_id))
+             **dataset_statistics(config, mesh, args.process_id),
+             **population_statistics(config, mesh))
     print(f"process {args.process_id}: dataset statistics merged", flush=True)
   if args.timing_steps:
     timings = {f"{variant}-{dataset}": time_steps(config, mesh, variant, dataset,

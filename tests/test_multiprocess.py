@@ -208,6 +208,17 @@ def test_device_stats_over_every_process_equal_float64_reference(job):
   np.testing.assert_array_equal(merged["device_max"], exact.max(0))
 
 
+def test_recomputed_batch_stats_over_every_process_equal_float64_reference(job):
+  """jaxnorm.linen.recompute_batch_stats on batches sharded over both processes' devices."""
+  config = harness.config_of(job)
+  for process_id in range(job.num_processes):
+    merged = dict(np.load(pathlib.Path(job.out) / f"dataset-stats-process{process_id}.npz"))
+    rows = int(merged["population_rows"])
+    exact = harness.stats_dataset(config)[0].astype(np.float32)[:rows].astype(np.float64)
+    np.testing.assert_allclose(merged["population_mean"], exact.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(merged["population_var"], exact.var(0, ddof=1), rtol=1e-4)
+
+
 def test_job_times_what_the_scaling_benchmark_reads(job):
   """benchmarks/scaling.py reads these timings: every variant, the peer norms, the all_gather."""
   for process_id in range(job.num_processes):
