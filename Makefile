@@ -45,6 +45,9 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/stats_cost.py
 	$(PY) benchmarks/input_stats.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/fold.py
+	$(PY) benchmarks/quantiles.py
+	$(PY) benchmarks/accelerator.py  # GPU/TPU only: says so and exits 0 elsewhere
 
 clean:
 	rm -rf $(VENV) build *.egg-info

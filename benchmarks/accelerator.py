@@ -1,6 +1,7 @@
 """Layer and RMS norm on a GPU or TPU: XLA path, Pallas kernels and flax, against copy bandwidth.
 
-For LN and RMS, forward and forward+backward, shapes 4096x1024, 4096x4096, 16384x8192 and
+For LN and RMS, and the fused residual add + LN / RMS (``add_layer_norm``, ``add_rms_norm``:
+``h = x + residual; y = norm(h)``, returning both), forward and forward+backward, shapes 4096x1024, 4096x4096, 16384x8192 and
 32768x12288 in float32 and bfloat16 (scale and bias in the input's dtype, so the output is too),
 under ``jax.jit`` on the default device:
 
@@ -8,15 +9,21 @@ under ``jax.jit`` on the default device:
   write; bytes moved over time), the speed limit every other figure is a percentage of;
 - ``xla``: ``jaxnorm.layer_norm`` / ``rms_norm`` with ``JAXNORM_KERNELS=xla`` (the default);
 - ``pallas``: the same calls inside ``jaxnorm.kernels("pallas")`` (the Pallas kernels, handed
-  the float32 copy of the input the functional layer makes);
+  the input in its own dtype by the dispatch);
 - ``kernel``: the kernels called directly on the input's own dtype (what the kernels do alone);
-- ``flax``: ``flax.linen.LayerNorm`` / ``RMSNorm``.
+- ``flax``: ``flax.linen.LayerNorm`` / ``RMSNorm`` (after ``x + residual`` for the fused ops).
 
 Each figure is the median over rounds (the implementations take turns within a round) of the
 time per call, after a warm-up; compilation is timed apart. Percent of copy bandwidth counts the
 least bytes the op must move: forward reads x and writes y (2N); forward+backward (y, dx,
-d scale, d bias from x and a given dy) reads x and dy and writes y and dx (4N). ``max|d|`` is the
-largest difference of each output from the XLA path's, on data with mean 1e3 and std 1.
+d scale, d bias from x and a given dy) reads x and dy and writes y and dx (4N). The fused add
+doubles both: forward reads x and residual and writes y and h (4N); its backward reads h, dy and
+dh and writes one cotangent, shared by x and residual (4N more: 8N in all). ``max|d|`` is the
+largest difference of each output from the XLA path's, on data with mean 1e3 and std 1 (for
+the fused ops, a branch ``x`` near 0 added to a residual stream at 1e3 in float32, near 0 in
+bfloat16: a bfloat16 ``h`` at 1e3 keeps nothing of a std of 1 (its ulp is 4), and there XLA's
+``y``, computed from ``h`` before rounding (excess precision), differs from the kernel's, the
+norm of the rounded ``h``).
 
 Without a GPU or TPU it prints why and exits with status 0 (CI runs it so). A kernel should
 become the default on a platform only where it beats the XLA path by 10% or more there
@@ -35,7 +42,7 @@ import time
 SHAPES = [(4096, 1024), (4096, 4096), (16384, 8192), (32768, 12288)]
 QUICK_SHAPES = [(4096, 1024)]
 DTYPES = ("float32", "bfloat16")
-OPS = ("layer_norm", "rms_norm")
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "fwd+bwd")
 IMPLEMENTATIONS = ("xla", "pallas", "kernel", "flax")
 
@@ -76,36 +83,55 @@ def functions(op, shape, dtype, mode, platform):
 
   import jaxnorm
   from jaxnorm._src.fast import pallas as pallas_paths
+  from jaxnorm._src.fast import pallas_add
   from jaxnorm._src.fast import pallas_rows
 
   rows, features = shape
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape, np.float32) + 1e3, dtype)
   dy = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+  fused = op.startswith("add_")
+  residual = jnp.asarray(rng.standard_normal(shape, np.float32)
+                         + (1e3 if dtype == "float32" else 0.0), dtype)
+  if fused:  # x is the branch, near 0; the residual stream carries the offset
+    x = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+  inputs = (x, residual) if fused else (x,)
+  cotangents = (dy, jnp.asarray(rng.standard_normal(shape, np.float32), dtype)) if fused else dy
   scale = jnp.asarray(1 + 0.1 * rng.standard_normal(features, np.float32), dtype)
   bias = jnp.asarray(0.1 * rng.standard_normal(features, np.float32), dtype)
-  params = (scale, bias) if op == "layer_norm" else (scale,)
+  params = (scale, bias) if op.endswith("layer_norm") else (scale,)
   layout = pallas_paths.PLATFORM_LAYOUTS["cuda" if platform == "gpu" else platform]
   plan = pallas_rows.plan_for(layout, rows, features, x.dtype, interpret=platform == "cpu")
   spec = pallas_rows.Spec(1e-6, x.dtype, plan) if plan else None
 
+  add = pallas_add.AddSpec(spec, x.dtype, x.dtype, x.dtype) if spec else None
+
   def jaxnorm_op(mode_name):
-    def norm(x, *params):
+    def norm(*args):
       with jaxnorm.kernels(mode_name):
-        return getattr(jaxnorm, op)(x, *params, epsilon=1e-6)
+        return getattr(jaxnorm, op)(*args, epsilon=1e-6)
     return norm
 
-  def kernel_op(x, *params):
+  def kernel_op(*args):
     if op == "layer_norm":
-      return pallas_rows.layer_norm_rows(x, *params, spec)[0]
-    return pallas_rows.rms_norm_rows(x, *params, spec)
+      return pallas_rows.layer_norm_rows(*args, spec)[0]
+    if op == "rms_norm":
+      return pallas_rows.rms_norm_rows(*args, spec)
+    if op == "add_layer_norm":
+      return pallas_add.add_layer_norm_rows(*args, add)
+    return pallas_add.add_rms_norm_rows(*args, add)
 
-  layer = (nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=dtype) if op == "layer_norm"
+  layer = (nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=dtype)
+           if op.endswith("layer_norm")
            else nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=dtype))
   names = ("scale", "bias")[:len(params)]
 
-  def flax_op(x, *params):
-    return layer.apply({"params": dict(zip(names, params))}, x)
+  def flax_op(*args):
+    variables = {"params": dict(zip(names, args[len(inputs):]))}
+    if not fused:
+      return layer.apply(variables, args[0])
+    h = args[0] + args[1]
+    return layer.apply(variables, h), h
 
   norms = {"xla": jaxnorm_op("xla"), "pallas": jaxnorm_op("pallas"), "flax": flax_op}
   if spec is not None:
@@ -113,12 +139,12 @@ def functions(op, shape, dtype, mode, platform):
   result = {}
   for name, norm in norms.items():
     if mode == "fwd":
-      result[name] = (jax.jit(norm), (x, *params))
+      result[name] = (jax.jit(norm), (*inputs, *params))
     else:
-      def step(x, dy, *params, norm=norm):
-        y, pullback = jax.vjp(norm, x, *params)
-        return y, pullback(dy)
-      result[name] = (jax.jit(step), (x, dy, *params))
+      def step(cotangents, *args, norm=norm):
+        y, pullback = jax.vjp(norm, *args)
+        return y, pullback(cotangents)
+      result[name] = (jax.jit(step), (cotangents, *inputs, *params))
   return result
 
 
@@ -209,8 +235,9 @@ def main(argv=None):
           import jax.numpy as jnp
           size = shape[0] * shape[1] * jnp.dtype(dtype).itemsize
           figures = measure_case(op, shape, dtype, mode, device.platform, rounds, calls)
+          passes = (2 if mode == "fwd" else 4) * (2 if op.startswith("add_") else 1)
           results.append({"op": op, "mode": mode, "shape": shape, "dtype": dtype,
-                          "min_bytes": size * (2 if mode == "fwd" else 4), "figures": figures})
+                          "min_bytes": size * passes, "figures": figures})
           print(f"{op} {mode} {shape} {dtype}: " + ", ".join(
               f"{n} {f['seconds'] * 1e6:.0f} µs" for n, f in figures.items()), flush=True)
   print()

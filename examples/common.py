@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ import optax
 
 import jaxnorm.linen as jnn
 
-NORMS = ("none", "batch", "renorm", "group", "layer")
+NORMS = ("none", "batch", "renorm", "group", "ws_group", "layer", "noisy", "lp1", "lp2", "lpinf")
 
 
 def mnist1d(num_samples: int = 5000, seed: int = 42) -> dict[str, np.ndarray]:
@@ -46,24 +47,64 @@ def make_norm(kind: str, train: bool, renorm_steps: tuple[int, int] = (0, 0)) ->
     schedule = jnn.renorm_schedule(warmup_steps=warmup, relax_steps=relax)
     return jnn.BatchRenorm(use_running_average=not train, momentum=0.9,
                            rmax=schedule.rmax, dmax=schedule.dmax)
-  if kind == "group":
+  if kind in ("group", "ws_group"):
     return jnn.GroupNorm(num_groups=8)
   if kind == "layer":
     return jnn.LayerNorm(reduction_axes=(1, 2), feature_axes=-1)
+  if kind == "noisy":
+    return NoisyBatchNorm(train=train)
+  if kind in ("lp1", "lp2", "lpinf"):
+    p = {"lp1": 1, "lp2": 2, "lpinf": math.inf}[kind]
+    return jnn.LpBatchNorm(use_running_average=not train, momentum=0.9, p=p)
   raise ValueError(f"norm={kind!r} is not one of {NORMS}")
 
 
+class NoisyBatchNorm(nn.Module):
+  """Batch norm followed by per-channel noise resampled at every training step.
+
+  Santurkar et al. (2018, section 2.1): after batch norm, channel :math:`c` is scaled by
+  :math:`s_c = \\sigma_t u_c` and shifted by :math:`m_c = \\mu_t + v_c`, with
+  :math:`u_c \\sim U(1 - a, 1 + a)`, :math:`v_c \\sim U(-b, b)`, and the noise's own mean
+  :math:`\\mu_t \\sim U(0, 2b)` and spread :math:`\\sigma_t \\sim U(1, 1 + 2a)` drawn afresh each
+  step: the layer's output has a non-zero mean and a non-unit variance, both changing at every
+  step. Evaluation (``train=False``) applies the expected scale :math:`1 + a` and shift :math:`b`.
+  """
+  train: bool = True
+  shift: float = 0.5
+  scale: float = 0.5
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnn.BatchNorm(use_running_average=not self.train, momentum=0.9)(x)
+    if not self.train:
+      return x * (1 + self.scale) + self.shift
+    key_mean, key_spread, key_shift, key_scale = jax.random.split(self.make_rng("noise"), 4)
+    channels = x.shape[-1:]
+    mean = jax.random.uniform(key_mean, (), minval=0.0, maxval=2 * self.shift)
+    spread = jax.random.uniform(key_spread, (), minval=1.0, maxval=1.0 + 2 * self.scale)
+    shift = mean + jax.random.uniform(key_shift, channels, minval=-self.shift, maxval=self.shift)
+    scale = spread * jax.random.uniform(key_scale, channels, minval=1 - self.scale,
+                                        maxval=1 + self.scale)
+    return x * scale + shift
+
+
 class CNN(nn.Module):
-  """The MNIST-1D baseline CNN (Greydanus 2020) with a norm after each convolution."""
+  """The MNIST-1D baseline CNN (Greydanus 2020) with a norm after each convolution.
+
+  ``norm="ws_group"`` standardizes each convolution's kernel (``jaxnorm.linen.StdConv``) and
+  follows it with GroupNorm(8). Each norm's output is sown as ``intermediates/norm_<i>``.
+  """
   norm: str = "none"
   channels: int = 32
   renorm_steps: tuple[int, int] = (0, 0)
 
   @nn.compact
   def __call__(self, x, train: bool):
-    for kernel in (5, 3, 3):
-      x = nn.Conv(self.channels, (kernel,), strides=2, use_bias=self.norm == "none")(x)
+    conv = jnn.StdConv if self.norm == "ws_group" else nn.Conv
+    for i, kernel in enumerate((5, 3, 3)):
+      x = conv(self.channels, (kernel,), strides=2, use_bias=self.norm == "none")(x)
       x = make_norm(self.norm, train, self.renorm_steps)(x)
+      self.sow("intermediates", f"norm_{i}", x)
       x = nn.relu(x)
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
@@ -112,7 +153,7 @@ def train(model: nn.Module, data: dict[str, np.ndarray], *, batch_size: int, ste
   x_test, y_test = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
   variables = model.init(jax.random.key(seed), x[:2], train=False)
   params = variables["params"]
-  state = {k: v for k, v in variables.items() if k != "params"}
+  state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
   optimizer = optax.adam(learning_rate)
   opt_state = optimizer.init(params)
   index = jnp.asarray(batches(len(x), batch_size, steps, seed, order))
@@ -144,3 +185,186 @@ def train(model: nn.Module, data: dict[str, np.ndarray], *, batch_size: int, ste
     curve_accuracy.append(accuracy(model, {"params": params, **state}, x_test, y_test))
   return Run(curve_accuracy[-1], np.array(curve_steps), np.array(curve_accuracy),
              np.array(curve_loss))
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedRuns:
+  """Several seeds of one setting trained side by side (``train_seeds``).
+
+  Arrays lead with the seed axis: ``curve_accuracy[s, e]`` is seed ``s`` after
+  ``curve_steps[e]`` steps; ``probes[name][s, e, ...]`` what probe ``name`` returned there;
+  ``variables`` the final variables of every seed, stacked.
+  """
+  curve_steps: np.ndarray
+  curve_accuracy: np.ndarray
+  curve_loss: np.ndarray
+  variables: dict
+  probes: dict
+
+  @property
+  def test_accuracy(self) -> np.ndarray:
+    """Held-out accuracy of each seed at the end of training."""
+    return self.curve_accuracy[:, -1]
+
+  def seed_variables(self, seed: int) -> dict:
+    """The final variables of one seed."""
+    return jax.tree.map(lambda v: v[seed], self.variables)
+
+
+def seed_batches(num_examples: int, batch_size: int, steps: int, seeds: int) -> np.ndarray:
+  """Indices of shuffled batches for each seed: shape (seeds, steps, batch_size)."""
+  return np.stack([batches(num_examples, batch_size, steps, seed) for seed in range(seeds)])
+
+
+def train_seeds(model: nn.Module, data: dict[str, np.ndarray], *, batch_size: int, steps: int,
+                optimizer: optax.GradientTransformation, seeds: int = 3, evaluations: int = 10,
+                probes: dict[str, Callable] | None = None) -> SeedRuns:
+  """Trains ``seeds`` copies of ``model`` in one compiled loop (``lax.map`` over seeds).
+
+  Seed ``s`` initializes with ``jax.random.key(s)`` and shuffles with seed ``s``; every step
+  gets a fresh ``"noise"`` key (for layers that draw noise). ``steps`` is rounded up to a
+  multiple of ``evaluations``. At each of the ``evaluations`` points, held-out accuracy (with
+  the running statistics) and each probe ``probe(params, state, key)`` are evaluated for every
+  seed, inside the same compiled loop (one compile per setting).
+  """
+  probes = probes or {}
+  steps = -(-steps // evaluations) * evaluations
+  chunk = steps // evaluations
+  x, y = jnp.asarray(data["x"]), jnp.asarray(data["y"])
+  x_test, y_test = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
+  index = jnp.asarray(seed_batches(len(x), batch_size, steps, seeds))
+  index = index.reshape(seeds, evaluations, chunk, batch_size)
+
+  def loss_fn(params, state, idx, key):
+    logits, updates = model.apply({"params": params, **state}, x[idx], train=True,
+                                  mutable=list(state), rngs={"noise": key})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+    return loss, updates
+
+  def step(carry, inputs):
+    params, state, opt_state = carry
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, *inputs)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), state, opt_state), loss
+
+  def evaluate(carry, inputs):
+    idx, key = inputs
+    carry, losses = jax.lax.scan(step, carry, (idx, jax.random.split(key, len(idx))))
+    params, state, _ = carry
+    logits = model.apply({"params": params, **state}, x_test, train=False)
+    probed = {name: probe(params, state, key) for name, probe in probes.items()}
+    return carry, (jnp.mean(jnp.argmax(logits, -1) == y_test), jnp.mean(losses), probed)
+
+  def one_seed(inputs):
+    seed, idx = inputs
+    key = jax.random.key(seed)
+    variables = model.init(key, x[:2], train=False)
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+    keys = jax.random.split(jax.random.fold_in(key, 1), evaluations)
+    carry, curves = jax.lax.scan(evaluate, (params, state, optimizer.init(params)), (idx, keys))
+    return {"params": carry[0], **carry[1]}, curves
+
+  # One compile per setting. lax.map, not vmap, over seeds: vmap would turn each convolution
+  # into a grouped one, which XLA:CPU runs several times slower than one convolution per seed.
+  variables, (accuracy, loss, probed) = jax.jit(lambda idx: jax.lax.map(
+      one_seed, (jnp.arange(seeds), idx)))(index)
+  return SeedRuns(chunk * np.arange(1, evaluations + 1), np.asarray(accuracy),
+                  np.asarray(loss), variables, jax.tree.map(np.asarray, probed))
+
+
+def mean_std_band(axis, steps, values: np.ndarray, label: str, **style) -> None:
+  """Plots the mean over seeds (axis 0 of ``values``) with a ± one standard deviation band."""
+  mean, std = values.mean(0), values.std(0)
+  (line,) = axis.plot(steps, mean, label=label, **style)
+  axis.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def mean_std(values) -> str:
+  """'mean ± std' of a sequence of numbers, in the units given."""
+  values = np.asarray(values, dtype=float)
+  return f"{values.mean():.1f} ± {values.std():.1f}"
+
+
+# Santurkar et al. (2018) studies: one SGD setting shared by the noisy-BN, smoothness and Lp runs.
+SGD_LEARNING_RATE = 0.1
+SGD_BATCH_SIZE = 64
+STEP_SCALES = (0.5, 1.0, 2.0, 4.0)  # probe steps, in units of the learning rate
+
+
+def smoothness_probe(model: nn.Module, data, *, learning_rate: float = SGD_LEARNING_RATE,
+                     batch_size: int = SGD_BATCH_SIZE, scales=STEP_SCALES) -> Callable:
+  """A probe of the loss landscape along the gradient (Santurkar et al. 2018, section 3.1).
+
+  At parameters :math:`\\theta` with gradient :math:`g` on a random training batch, for each step
+  :math:`\\eta \\in` ``learning_rate * scales`` it evaluates the loss :math:`L(\\theta - \\eta g)`
+  and the gradient change :math:`\\|\\nabla L(\\theta - \\eta g) - g\\|_2` on the same batch (batch
+  norm in training mode), and the effective :math:`\\beta`-smoothness
+  :math:`\\max_\\eta \\|\\nabla L(\\theta - \\eta g) - g\\|_2 / \\|\\eta g\\|_2`.
+
+  Returns:
+    ``probe(params, state, key) -> {"loss": (1 + len(scales),), "grad_change": (len(scales),),
+    "beta": ()}``, the first loss at :math:`\\eta = 0`.
+  """
+  x, y = jnp.asarray(data["x"]), jnp.asarray(data["y"])
+  etas = learning_rate * jnp.asarray(scales)
+
+  def probe(params, state, key):
+    idx = jax.random.choice(key, len(x), (batch_size,), replace=False)
+
+    def loss_fn(p):
+      logits, _ = model.apply({"params": p, **state}, x[idx], train=True, mutable=list(state),
+                              rngs={"noise": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+
+    loss, grad = jax.value_and_grad(loss_fn)(params)
+    norm = optax.global_norm(grad)
+
+    def at(eta):
+      moved = jax.tree.map(lambda p, g: p - eta * g, params, grad)
+      loss_moved, grad_moved = jax.value_and_grad(loss_fn)(moved)
+      change = optax.global_norm(jax.tree.map(jnp.subtract, grad_moved, grad))
+      return loss_moved, change
+
+    losses, changes = jax.lax.map(at, etas)
+    return {"loss": jnp.concatenate([loss[None], losses]), "grad_change": changes,
+            "beta": jnp.max(changes / (etas * norm))}
+
+  return probe
+
+
+def layer_inputs_probe(model: nn.Module, data, *, layer: int = 1, channel: int = 0,
+                       examples: int = 256) -> Callable:
+  """A probe of one unit's inputs to the next layer: the output of norm ``layer`` (before ReLU),
+  channel ``channel``, on a fixed set of training examples, in training mode (noise included).
+
+  Returns:
+    ``probe(params, state, key) -> array (examples * length,)``.
+  """
+  x = jnp.asarray(data["x"][:examples])
+
+  def probe(params, state, key):
+    _, sown = model.apply({"params": params, **state}, x, train=True,
+                          mutable=[*state, "intermediates"], rngs={"noise": key})
+    return sown["intermediates"][f"norm_{layer}"][0][..., channel].reshape(-1)
+
+  return probe
+
+
+def sgd_runs(norms, *, steps: int, seeds: int = 3, num_samples: int = 4000,
+             evaluations: int = 10, probe_names=("smoothness", "layer_inputs"),
+             progress=None) -> dict[str, SeedRuns]:
+  """The Santurkar et al. setting: each norm's CNN trained with plain SGD at one learning rate
+  (``SGD_LEARNING_RATE``, batch ``SGD_BATCH_SIZE``), with the named probes along training."""
+  data = mnist1d(num_samples)
+  runs = {}
+  for norm in norms:
+    model = CNN(norm=norm)
+    makers = {"smoothness": smoothness_probe, "layer_inputs": layer_inputs_probe}
+    probes = {name: makers[name](model, data) for name in probe_names}
+    runs[norm] = train_seeds(model, data, batch_size=SGD_BATCH_SIZE, steps=steps,
+                             optimizer=optax.sgd(SGD_LEARNING_RATE), seeds=seeds,
+                             evaluations=evaluations, probes=probes)
+    if progress is not None:
+      progress.update(1)
+  return runs

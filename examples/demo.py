@@ -9,9 +9,15 @@ packages (nothing is downloaded), each also runnable alone from examples/:
 2. Batch norm (``mnist1d_batchnorm.py``): the MNIST-1D baseline CNN without a norm and with
    ``jaxnorm.linen.BatchNorm`` over a grid of learning rates (Ioffe and Szegedy 2015: faster
    training, larger learning rates; Greydanus 2020: 94% held-out accuracy for this CNN).
-3. Batch size (``batch_size_study.py``): BatchNorm, BatchRenorm, GroupNorm and LayerNorm at
-   batch sizes 2 to 128 (Wu and He 2018: batch norm's error rises at small batches, group
-   norm's does not).
+3. Batch size (``batch_size_study.py``): BatchNorm (with running averages and with recomputed
+   population statistics), BatchRenorm, GroupNorm, weight standardization + GroupNorm and
+   LayerNorm at batch sizes 2 to 128, 3 seeds, a fixed number of epochs with the linear
+   learning-rate rule (Wu and He 2018: batch norm's error rises at small batches, group norm's
+   does not; Wu and Johnson 2021: recomputed statistics at small batches).
+4. Why batch norm works (Santurkar et al. 2018), MNIST-1D CNN, plain SGD at one learning rate,
+   3 seeds, trained once for three studies: noisy batch norm (``noisy_bn_study.py``, their
+   figure 2), smoothness of the loss (``smoothness_study.py``, figures 3 and 4) and L1/L∞
+   spreads (``lp_batchnorm_study.py``, section 3.3).
 
 Output: the tables in the terminal, and in ``--out`` (default ``outputs/demo``) a markdown
 report ``report.md``, PNG plots and ``results.json``.
@@ -37,7 +43,11 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import batch_size_study  # noqa: E402
+import common  # noqa: E402
+import lp_batchnorm_study  # noqa: E402
 import mnist1d_batchnorm  # noqa: E402
+import noisy_bn_study  # noqa: E402
+import smoothness_study  # noqa: E402
 import wine_standardization  # noqa: E402
 
 import jaxnorm  # noqa: E402
@@ -75,7 +85,7 @@ def mnist1d_study(quick: bool, out: pathlib.Path, progress) -> tuple[str, dict]:
     runs = mnist1d_batchnorm.study(steps=20, learning_rates=(1e-2,), num_samples=500,
                                    progress=progress)
   else:
-    runs = mnist1d_batchnorm.study(steps=2000, progress=progress)
+    runs = mnist1d_batchnorm.study(steps=1000, progress=progress)
   figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   summary = {}
   for norm, label in (("none", "no norm"), ("batch", "BatchNorm")):
@@ -101,32 +111,117 @@ def mnist1d_study(quick: bool, out: pathlib.Path, progress) -> tuple[str, dict]:
   return mnist1d_batchnorm.table(runs), summary
 
 
+BATCH_SIZE_EPOCHS = 3
+SANTURKAR_NORMS = ("none", "batch", "noisy", "lp1", "lpinf")
+SANTURKAR_QUICK_NORMS = ("noisy", "lpinf")
+
+
 def batch_size_figures(quick: bool, out: pathlib.Path, progress) -> tuple[str, dict]:
-  """Study 3: held-out error against batch size for four norms."""
+  """Study 3: held-out error against batch size for six norms, mean ± std over seeds."""
   if quick:
-    runs = batch_size_study.study(epochs=0.05, batch_sizes=(4,), num_samples=500,
-                                  progress=progress)
+    runs = batch_size_study.study(epochs=0.05, batch_sizes=(4,), norms=("batch", "ws_group"),
+                                  seeds=2, num_samples=500, progress=progress)
   else:
-    runs = batch_size_study.study(epochs=8, progress=progress)
-  figure, axis = plt.subplots(figsize=(6, 4))
-  summary = {}
-  for norm, by_size in runs.items():
-    sizes = sorted(by_size)
-    errors = [100 * (1 - by_size[bs].test_accuracy) for bs in sizes]
-    axis.plot(sizes, errors, marker="o", label=batch_size_study.LABELS[norm])
-    summary[norm] = dict(zip(map(str, sizes), errors))
-  axis.set(title="MNIST-1D: held-out error against batch size", xlabel="batch size",
-           ylabel="held-out error (%)", xscale="log")
-  axis.set_xticks(sorted(next(iter(runs.values()))), labels=map(str, sorted(
-      next(iter(runs.values())))))
-  axis.legend()
-  figure.tight_layout()
-  figure.savefig(out / "batch_size.png", dpi=110)
-  plt.close(figure)
+    runs = batch_size_study.study(epochs=BATCH_SIZE_EPOCHS, progress=progress)
+  batch_size_study.figure(runs, out / "batch_size.png")
+  summary = {norm: {str(bs): list(v) for bs, v in by_size.items()}
+             for norm, by_size in batch_size_study.errors(runs).items()}
   return batch_size_study.table(runs), summary
 
 
-def findings(wine: dict, mnist: dict, sizes: dict) -> list[str]:
+def santurkar_studies(quick: bool, out: pathlib.Path, progress) -> dict:
+  """Study 4: one set of SGD runs with both probes, read by the three studies."""
+  if quick:
+    runs = common.sgd_runs(SANTURKAR_QUICK_NORMS, steps=20, seeds=2, num_samples=500,
+                           evaluations=2, progress=progress)
+  else:
+    runs = common.sgd_runs(SANTURKAR_NORMS, steps=noisy_bn_study.STEPS, progress=progress)
+  results = {}
+  for name, study in (("noisy_bn", noisy_bn_study), ("smoothness", smoothness_study),
+                      ("lp", lp_batchnorm_study)):
+    # quick mode trains two models for all three studies: a study without its own shows both
+    subset = {norm: runs[norm] for norm in study.NORMS if norm in runs} or runs
+    summary = (noisy_bn_study.summary(subset) if study is noisy_bn_study
+               else smoothness_study.summary(subset))
+    results[name] = {"table": study.table(subset), "figures": study.figures(subset, out),
+                     "summary": summary}
+  return results
+
+
+def mean(values) -> float:
+  return float(np.mean(values))
+
+
+def claims(sizes: dict, santurkar: dict) -> list[dict]:
+  """Each claim of the papers against what was measured here: {claim, measured, matched}."""
+  rows = []
+  present = sorted(int(s) for s in next(iter(sizes.values())))
+  if len(present) > 1 and "group" in sizes:
+    small, ref = str(present[0]), str(32 if 32 in present else present[-1])
+    change = {norm: sizes[norm][small][0] - sizes[norm][ref][0] for norm in sizes}
+    spread = sizes["group"][small][1] + sizes["group"][ref][1]
+    rows.append({
+        "claim": "group norm's error stays flat as the batch shrinks, batch norm's rises "
+                 "(Wu and He 2018: BN 23.6% → 34.7% from 32 to 2 per GPU, GN 24.0-24.2%)",
+        "measured": "; ".join(
+            f"{batch_size_study.LABELS[n]} {sizes[n][ref][0]:.1f} ± {sizes[n][ref][1]:.1f}% at "
+            f"{ref} → {sizes[n][small][0]:.1f} ± {sizes[n][small][1]:.1f}% at {small}"
+            for n in sizes),
+        "matched": bool(abs(change["group"]) <= max(1.0, spread)
+                        and change["batch"] > change["group"] + spread)})
+    if "batch_recomputed" in sizes:
+      gains = {bs: sizes["batch"][bs][0] - sizes["batch_recomputed"][bs][0]
+               for bs in map(str, present)}
+      rows.append({
+          "claim": "at small batches the running averages misestimate the population "
+                   "statistics; recomputing them exactly after training lowers the error "
+                   "(Wu and Johnson 2021)",
+          "measured": "error lowered by recomputation, points: " + ", ".join(
+              f"batch {bs} {g:+.1f}" for bs, g in gains.items()),
+          "matched": bool(gains[small] > 0)})
+  noisy = santurkar["noisy_bn"]["summary"]
+  if {"none", "batch", "noisy"} <= set(noisy):
+    acc = {n: mean(noisy[n]["accuracy"]) for n in ("none", "batch", "noisy")}
+    rows.append({
+        "claim": "batch norm with noise that destroys the stability of each layer's input "
+                 "distribution trains about as well as batch norm, better than no norm "
+                 "(Santurkar et al. 2018, figure 2)",
+        "measured": f"held-out accuracy {acc['none']:.1f}% no norm, {acc['batch']:.1f}% BN, "
+                    f"{acc['noisy']:.1f}% noisy BN; final training loss "
+                    + ", ".join(f"{mean(noisy[n]['train_loss']):.3f}" for n in
+                                ("none", "batch", "noisy"))
+                    + f"; the probed unit's mean moves over a range of "
+                    f"{noisy['noisy']['input_mean_range']:.2f} with noise, "
+                    f"{noisy['batch']['input_mean_range']:.2f} without",
+        "matched": bool(abs(acc["noisy"] - acc["batch"]) < abs(acc["batch"] - acc["none"])
+                        and acc["noisy"] > acc["none"])})
+  smooth = santurkar["smoothness"]["summary"]
+  measures = ("loss_range", "grad_change", "beta")
+  if {"none", "batch"} <= set(smooth):
+    rows.append({
+        "claim": "batch norm makes the loss smoother: a smaller loss range along the "
+                 "gradient, a more predictive gradient, a smaller effective β-smoothness "
+                 "(Santurkar et al. 2018, figures 3 and 4)",
+        "measured": "no norm → BN: " + ", ".join(
+            f"{m} {mean(smooth['none'][m]):.3g} → {mean(smooth['batch'][m]):.3g}"
+            for m in measures),
+        "matched": bool(all(mean(smooth["batch"][m]) < mean(smooth["none"][m])
+                            for m in measures))})
+  lp = santurkar["lp"]["summary"]
+  if {"none", "batch", "lp1", "lpinf"} <= set(lp):
+    rows.append({
+        "claim": "L1 and L∞ spreads in place of the standard deviation give similar accuracy "
+                 "and smoothness (Santurkar et al. 2018, section 3.3)",
+        "measured": "; ".join(
+            f"{smoothness_study.LABELS[n]}: {mean(lp[n]['accuracy']):.1f}%, β "
+            f"{mean(lp[n]['beta']):.3g}, loss range {mean(lp[n]['loss_range']):.3g}"
+            for n in ("none", "batch", "lp1", "lpinf")),
+        "matched": bool(all(abs(mean(lp[n]["accuracy"]) - mean(lp["batch"]["accuracy"])) < 2
+                            for n in ("lp1", "lpinf")))})
+  return rows
+
+
+def findings(wine: dict, mnist: dict) -> list[str]:
   """Plain sentences comparing what was measured with what the papers report."""
   lines = []
   raw, std = wine["raw"], wine["jaxnorm"]
@@ -146,17 +241,33 @@ def findings(wine: dict, mnist: dict, sizes: dict) -> list[str]:
       f"{100 * batch['best_accuracy']:.1f}% with BatchNorm (at lr "
       f"{batch['best_learning_rate']:g}); steps to 90%: {steps(none['steps_to_90'])} and "
       f"{steps(batch['steps_to_90'])}. The published CNN baseline is 94%.")
-  sizes_present = sorted(int(s) for s in next(iter(sizes.values())))
-  if len(sizes_present) > 1:
-    small, large = str(sizes_present[0]), str(sizes_present[-2 if len(sizes_present) > 2 else -1])
-    for norm, errors in sizes.items():
-      change = errors[small] - errors[large]
-      lines.append(f"{batch_size_study.LABELS[norm]}: held-out error {errors[large]:.1f}% at "
-                   f"batch {large}, {errors[small]:.1f}% at batch {small} "
-                   f"({change:+.1f} points).")
-    lines.append("Wu and He (2018) report on ImageNet: batch norm 23.6% at 32 images per GPU "
-                 "and 34.7% at 2 (+11.1 points); group norm 24.0% to 24.2% at every size.")
   return lines
+
+
+PAPERS = {
+    "noisy_bn": ("4a. Noisy batch norm: is it the stable input distribution? (Santurkar et al. "
+                 "2018, figure 2)",
+                 "Batch norm followed by noise that changes every step, with non-zero mean and "
+                 "non-unit variance, trains about as well as batch norm, though each layer's "
+                 "inputs are no longer stable: internal covariate shift does not explain batch "
+                 "norm."),
+    "smoothness": ("4b. Smoothness of the loss (Santurkar et al. 2018, figures 3 and 4)",
+                   "With batch norm, stepping along the gradient changes the loss less, the "
+                   "gradient changes less (it is more predictive), and the effective "
+                   "β-smoothness is smaller, at the same learning rate."),
+    "lp": ("4c. Lp spreads (Santurkar et al. 2018, section 3.3)",
+           "Dividing by an L1 or L∞ spread in place of the standard deviation gives similar "
+           "accuracy and smoothness."),
+}
+
+
+def verdict(rows: list[dict], keyword: str) -> str:
+  """The verdict line of the claim whose text contains ``keyword``."""
+  for row in rows:
+    if keyword in row["claim"]:
+      return (f"**{'Matched' if row['matched'] else 'Not matched'}.** Measured: "
+              f"{row['measured']}.")
+  return "Not measured in this run (quick mode runs a subset)."
 
 
 def main(argv=None) -> dict:
@@ -168,38 +279,73 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
 
-  print("1/3 input normalization on scikit-learn's wine ...", flush=True)
+  print("1/4 input normalization on scikit-learn's wine ...", flush=True)
   wine_text, wine = wine_study(args.quick, out)
   print(wine_text)
   mnist_runs = 2 * (1 if args.quick else len(mnist1d_batchnorm.LEARNING_RATES))
-  with tqdm(total=mnist_runs, desc="2/3 batch norm on MNIST-1D") as progress:
+  with tqdm(total=mnist_runs, desc="2/4 batch norm on MNIST-1D") as progress:
     mnist_table, mnist = mnist1d_study(args.quick, out, progress)
   print(mnist_table, "\n")
-  size_runs = len(batch_size_study.NORMS) * (1 if args.quick else
-                                             len(batch_size_study.BATCH_SIZES))
-  with tqdm(total=size_runs, desc="3/3 norms against batch size") as progress:
+  size_runs = 2 if args.quick else len(batch_size_study.TRAINED) * len(
+      batch_size_study.BATCH_SIZES)
+  with tqdm(total=size_runs, desc="3/4 norms against batch size") as progress:
     size_table, sizes = batch_size_figures(args.quick, out, progress)
   print(size_table, "\n")
+  norms = SANTURKAR_QUICK_NORMS if args.quick else SANTURKAR_NORMS
+  with tqdm(total=len(norms), desc="4/4 why batch norm works (SGD runs)") as progress:
+    santurkar = santurkar_studies(args.quick, out, progress)
+  for study in santurkar.values():
+    print(study["table"], "\n")
 
-  summary = findings(wine, mnist, sizes)
+  summary = findings(wine, mnist)
+  rows = claims(sizes, santurkar)
   elapsed = time.perf_counter() - start
+  claim_table = ["| claim (paper) | measured here | matched |", "|---|---|---|",
+                 *[f"| {r['claim']} | {r['measured']} | {'yes' if r['matched'] else 'no'} |"
+                   for r in rows]]
+  sections = []
+  for name, (title, claim) in PAPERS.items():
+    study = santurkar[name]
+    keyword = {"noisy_bn": "noise", "smoothness": "smoother", "lp": "L1"}[name]
+    sections += [f"## {title}", "", f"**The paper claims:** {claim}", "",
+                 verdict(rows, keyword), "", study["table"], "",
+                 *[f"![{figure}]({figure})" for figure in study["figures"]], ""]
   report = "\n".join([
       "# jaxnorm demo: normalization on real data", "",
       f"{'Quick mode (tiny runs, figures not meaningful). ' if args.quick else ''}"
       f"Ran in {elapsed:.0f} s on {platform.machine()} with {os.cpu_count()} cores.", "",
       "## Findings", "", *[f"- {line}" for line in summary], "",
+      "## Claims against measurements", "", *claim_table, "",
       "## 1. Input normalization: wine, MLP, SGD with momentum", "",
       "```", wine_text.strip(), "```", "", "![wine loss](wine_loss.png)", "",
       "## 2. Batch norm: MNIST-1D CNN, Adam, batch 100", "", mnist_table, "",
       "![mnist1d](mnist1d_batchnorm.png)", "",
-      "## 3. Norms against batch size: MNIST-1D CNN", "", size_table, "",
-      "![batch size](batch_size.png)", ""])
+      "## 3. Norms against batch size: MNIST-1D CNN", "",
+      "**The papers claim:** batch norm's error rises as the batch shrinks, group norm's stays "
+      "flat (Wu and He 2018, figure 1: 23.6% → 34.7% for BN from 32 to 2 images per GPU, "
+      "24.0-24.2% for GN); at small batches the running averages misestimate the population "
+      "statistics and recomputing them helps (Wu and Johnson 2021).", "",
+      f"**Design:** {BATCH_SIZE_EPOCHS if not args.quick else 0.05} epochs at every batch size "
+      "(small batches take more steps), SGD with momentum 0.9 and the linear scaling rule "
+      "(lr 0.05 × batch/32, as Wu and He; no per-size tuning), 3 seeds (2 in quick mode), "
+      "mean ± std. BatchNorm, recomputed: the trained BatchNorm models with every layer's "
+      "statistics recomputed exactly over up to 200 training batches of the training size "
+      "(`jaxnorm.linen.recompute_batch_stats`).", "",
+      verdict(rows, "group norm"), "", verdict(rows, "recomputing"), "",
+      size_table, "", "![batch size](batch_size.png)", "",
+      *sections])
   (out / "report.md").write_text(report)
-  results = {"wine": wine, "mnist1d": mnist, "batch_size": sizes, "seconds": elapsed}
+  results = {"wine": wine, "mnist1d": mnist, "batch_size": sizes,
+             "santurkar": {k: v["summary"] for k, v in santurkar.items()}, "claims": rows,
+             "seconds": elapsed}
   (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
   print("Findings:")
   for line in summary:
     print(f"- {line}")
+  print("\nClaims against measurements:")
+  for row in rows:
+    print(f"- {'matched' if row['matched'] else 'NOT matched'}: {row['claim']}\n"
+          f"  {row['measured']}")
   print(f"\nreport, plots and results in {out}/ ({elapsed:.0f} s)")
   return results
 

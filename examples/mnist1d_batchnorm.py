@@ -5,12 +5,13 @@ rates. This script trains the MNIST-1D baseline CNN (Greydanus 2020 reports 94% 
 accuracy for it) over a grid of learning rates, with and without BatchNorm, and prints the
 held-out accuracy, the steps to reach 90%, and the best learning rate of each.
 
-Run: python examples/mnist1d_batchnorm.py [--quick] [--steps 2000]
+Run: python examples/mnist1d_batchnorm.py [--quick] [--steps 1000]
 """
 from __future__ import annotations
 
 import argparse
 
+import optax
 
 import common
 
@@ -25,8 +26,10 @@ def study(*, steps: int, learning_rates=LEARNING_RATES, num_samples: int = 5000,
   for norm in ("none", "batch"):
     runs[norm] = {}
     for lr in learning_rates:
-      runs[norm][lr] = common.train(common.CNN(norm=norm), data, batch_size=100, steps=steps,
-                                    learning_rate=lr, evaluations=20)
+      trained = common.train_seeds(common.CNN(norm=norm), data, batch_size=100, steps=steps,
+                                   optimizer=optax.adam(lr), seeds=1, evaluations=20)
+      runs[norm][lr] = common.Run(float(trained.test_accuracy[0]), trained.curve_steps,
+                                  trained.curve_accuracy[0], trained.curve_loss[0])
       if progress is not None:
         progress.update(1)
   return runs
@@ -54,7 +57,7 @@ def table(runs: dict, target: float = 0.9) -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a few steps, for the test suite")
-  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--steps", type=int, default=1000)
   args = parser.parse_args(argv)
   if args.quick:
     runs = study(steps=20, learning_rates=(1e-2,), num_samples=500)

@@ -1,5 +1,6 @@
 """The studies in examples/ run once in their quick modes (in a file of their own, so that the
 suite's two workers share the examples' time) and show what they claim."""
+import json
 import re
 import sys
 
@@ -31,16 +32,35 @@ def test_study_training_loop_learns_mnist1d():
 
 
 def test_demo_quick_writes_report_plots_and_results(tmp_path):
+  """One quick demo run covers every study's code: figures, report sections and numbers."""
   out = run_example("demo.py", "--quick", "--out", str(tmp_path), timeout=400)
-  assert "Findings:" in out
-  for name in ("report.md", "results.json", "wine_loss.png", "mnist1d_batchnorm.png",
-               "batch_size.png"):
+  assert "Findings:" in out and "Claims against measurements:" in out
+  figures = ("wine_loss.png", "mnist1d_batchnorm.png", "batch_size.png", "noisy_bn_curves.png",
+             "noisy_bn_inputs.png", "smoothness.png", "lp_smoothness.png")
+  for name in ("report.md", "results.json", *figures):
     assert (tmp_path / name).stat().st_size > 0, name
   report = (tmp_path / "report.md").read_text()
-  assert "## 3. Norms against batch size" in report and "![batch size](batch_size.png)" in report
-  # the studies of mnist1d_batchnorm.py and batch_size_study.py, as their --quick modes run them
-  for label in ("no norm", "BatchNorm", "BatchRenorm", "GroupNorm(8)", "LayerNorm"):
-    assert f"| {label} |" in report, label
+  for figure in figures:
+    assert f"({figure})" in report, figure
+  for section in ("## 3. Norms against batch size", "## 4a. Noisy batch norm",
+                  "## 4b. Smoothness of the loss", "## 4c. Lp spreads",
+                  "## Claims against measurements"):
+    assert section in report, section
+  # the batch-size study: mean ± std over 2 seeds, recomputed statistics, WS + GroupNorm
+  for label in ("BatchNorm", "BatchNorm, recomputed statistics", "WS + GroupNorm(8)"):
+    assert re.search(rf"\| {re.escape(label)} \| [\d.]+ ± [\d.]+ \|", report), label
+  # the Santurkar et al. studies: accuracy and the three smoothness measures, finite
+  row = re.search(r"\| BatchNorm, L∞ spread \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \| "
+                  r"([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \|", report)
+  assert row, report
+  accuracy, loss_range, grad_change, beta = map(float, row.groups())
+  assert 0 <= accuracy <= 100 and loss_range > 0 and grad_change > 0 and beta > 0
+  noisy = re.search(r"\| noisy BatchNorm \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| "
+                    r"([\d.]+) \| ([\d.]+) \|", report)
+  # the noise, resampled every step, moves the probed unit's mean and std over training
+  assert float(noisy.group(1)) > 0.1 and float(noisy.group(2)) > 0.1, report
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert set(results["santurkar"]) == {"noisy_bn", "smoothness", "lp"}
 
 
 def test_weight_standardization_quick():
@@ -52,3 +72,29 @@ def test_weight_standardization_quick():
 def test_qk_norm_study_quick():
   out = run_example("qk_norm_study.py", "--quick")
   assert "| QK-norm |" in out and "| no QK-norm |" in out, out
+
+
+def test_noisy_batch_norm_moves_each_channel_every_step_and_evaluates_at_the_expectation():
+  """Santurkar et al.'s noise: per-channel mean and std off 0 and 1, new at every step."""
+  import jax
+  import numpy as np
+  sys.path.insert(0, str(EXAMPLES))
+  try:
+    import common
+  finally:
+    sys.path.remove(str(EXAMPLES))
+  x = np.random.default_rng(0).normal(3.0, 2.0, (256, 10, 4)).astype(np.float32)
+  layer = common.NoisyBatchNorm(train=True)
+  variables = layer.init({"params": jax.random.key(0), "noise": jax.random.key(1)}, x)
+  outputs = [np.asarray(layer.apply(variables, x, rngs={"noise": jax.random.key(k)},
+                                    mutable=["batch_stats"])[0]) for k in range(2, 6)]
+  means = np.stack([y.mean((0, 1)) for y in outputs])  # (steps, channels)
+  stds = np.stack([y.std((0, 1)) for y in outputs])
+  assert np.abs(means).max() > 0.1 and np.abs(stds - 1).max() > 0.1  # not standardized
+  assert np.ptp(means, axis=0).min() > 1e-3 and np.ptp(stds, axis=0).min() > 1e-3  # resampled
+  # evaluation: no noise, the expected scale 1 + a and shift b on the running statistics
+  y = np.asarray(common.NoisyBatchNorm(train=False).apply(variables, x))
+  bn = common.jnn.BatchNorm(use_running_average=True, momentum=0.9)
+  reference = np.asarray(bn.apply({"params": variables["params"]["BatchNorm_0"],
+                                   "batch_stats": variables["batch_stats"]["BatchNorm_0"]}, x))
+  np.testing.assert_allclose(y, 1.5 * reference + 0.5, rtol=1e-5, atol=1e-5)

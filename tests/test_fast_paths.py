@@ -184,4 +184,42 @@ def test_pallas_mode_falls_back_to_the_xla_paths():
   from jaxnorm._src.fast import pallas
   with jaxnorm.kernels("pallas"):
     assert dispatch.path("rms_rows", normalize.rms_rows) is pallas.rms_rows
+    assert (dispatch.path("add_normalize_rows", normalize.add_normalize_rows)
+            is pallas.add_normalize_rows)
     assert dispatch.path("shift_and_scale", normalize.shift_and_scale) is xla.shift_and_scale
+
+
+@pytest.mark.parametrize("operation", ["add_normalize_rows", "add_rms_rows"])
+@pytest.mark.parametrize("case", ["rows", "masked", "fused_rows"])
+def test_fused_add_paths_fast_equal_reference(operation, case):
+  """The fused residual add + norm: the XLA path equals the reference in (y, h) and gradients,
+  and the dispatched operation is what ``add_layer_norm`` / ``add_rms_norm`` run."""
+  shape, axes, where = CASES[case]
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(9)
+    x, residual = jnp.asarray(_data(shape, 0.0)), jnp.asarray(_data(shape, 1e4, seed=1))
+    mask = None if where is None else jnp.asarray(where)
+    scale = jnp.asarray(rng.standard_normal(shape[-1]) + 1)
+    bias = jnp.asarray(rng.standard_normal(shape[-1]))
+    options = dict(residual_dtype=jnp.float64, out_dtype=jnp.float64)
+
+    def run(module, x, residual, scale, bias):
+      if operation == "add_normalize_rows":
+        return getattr(module, operation)(x, residual, mask, scale, bias, axes, 1e-6,
+                                          **options)
+      y, h = getattr(module, operation)(x, residual, mask, scale, axes, 1e-6, **options)
+      return y + bias, h
+
+    args = (x, residual, scale, bias)
+    for g, w in zip(run(xla, *args), run(normalize, *args)):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10 * 1e4)
+    cot = (jnp.asarray(rng.standard_normal(shape)), jnp.asarray(rng.standard_normal(shape)))
+    for fast, ref in zip(jax.vjp(functools.partial(run, xla), *args)[1](cot),
+                         jax.vjp(functools.partial(run, normalize), *args)[1](cot)):
+      np.testing.assert_allclose(fast, ref, rtol=1e-8, atol=1e-9)
+    public = (jaxnorm.add_layer_norm(x, residual, scale, bias, where=mask, epsilon=1e-6)
+              if operation == "add_normalize_rows" else
+              jaxnorm.add_rms_norm(x, residual, scale, where=mask, epsilon=1e-6))
+    np.testing.assert_array_equal(public[0] + (bias if operation == "add_rms_rows" else 0),
+                                  run(xla, *args)[0])
+    np.testing.assert_array_equal(public[1], run(xla, *args)[1])

@@ -271,3 +271,130 @@ def test_accelerator_benchmark_skips_cleanly_without_an_accelerator():
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr
   assert "no GPU or TPU" in result.stdout
+
+
+# ---- fused residual add + norm ----------------------------------------------------------------
+
+ADD_NORMS = {
+    "layer": lambda x, r, s, b, **k: jaxnorm.add_layer_norm(x, r, s, b, epsilon=1e-6, **k),
+    "rms": lambda x, r, s, b, **k: jaxnorm.add_rms_norm(x, r, s, epsilon=1e-6,
+                                                        scale_offset=1.0, **k),
+}
+
+
+def _add_loss_and_grads(norm, mode, **options):
+  def loss(x, residual, scale, bias):
+    y, h = norm(x, residual, scale, bias, **options)
+    # h's cotangent is nonzero and not constant, so dx and d residual carry both paths.
+    return (jnp.sum(jnp.sin(y.astype(jnp.float32)))
+            + jnp.sum(jnp.cos(h.astype(jnp.float32) * 1e-3))), (y, h)
+
+  def run(*args):
+    with jaxnorm.kernels(mode):
+      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+      calls = _kernel_calls(fn, *args) if mode == "pallas" else None
+      return fn(*args), calls
+  return run
+
+
+def _want_add_norm(kind, h, scale, bias):
+  """float64 norm of the rounded ``h``."""
+  h, scale, bias = (np.asarray(a, np.float64) for a in (h, scale, bias))
+  if kind == "layer":
+    return reference.standardize(h, (h.ndim - 1,), epsilon=1e-6) * scale + bias
+  return h / np.sqrt(np.mean(h**2, axis=-1, keepdims=True) + 1e-6) * (1 + scale)
+
+
+@pytest.mark.parametrize("kind", list(ADD_NORMS))
+@pytest.mark.parametrize("case", ["float32_1e6", "bfloat16_branch_float32_stream_1e6",
+                                  "bfloat16"])
+def test_fused_add_norm_kernel_equals_reference(kind, case):
+  """Values and gradients of (y, h) against the reference path and float64 NumPy: float32 at
+  1e6; a bfloat16 branch added to a float32 residual stream at 1e6 (``residual_dtype``
+  float32, bfloat16 y: two input dtypes, one kernel); and all in bfloat16 near 0."""
+  features = 200 if kind == "layer" else 256
+  options = {}
+  if case == "float32_1e6":
+    x, residual = _data((2, 5, features), 0.0, "float32"), _data((2, 5, features), 1e6,
+                                                                 "float32", 3)
+    dtype = "float32"
+  elif case == "bfloat16_branch_float32_stream_1e6":
+    x, residual = _data((2, 5, features), 0.0, "bfloat16"), _data((2, 5, features), 1e6,
+                                                                  "float32", 3)
+    options, dtype = {"residual_dtype": jnp.float32}, "bfloat16"
+  else:
+    x, residual = _data((2, 5, features), 0.0, "bfloat16"), _data((2, 5, features), 1.0,
+                                                                  "bfloat16", 3)
+    dtype = "bfloat16"
+  scale, bias = _data((features,), 0.5, dtype, 1), _data((features,), 0.0, dtype, 2)
+  norm = ADD_NORMS[kind]
+  ((_, (y, h)), grads), calls = _add_loss_and_grads(norm, "pallas", **options)(
+      x, residual, scale, bias)
+  assert calls == 2  # the fused forward and backward kernels, nothing else
+  ((_, (y_ref, h_ref)), grads_ref), _ = _add_loss_and_grads(norm, "reference", **options)(
+      x, residual, scale, bias)
+  assert y.dtype == y_ref.dtype == jnp.dtype(dtype) and h.dtype == h_ref.dtype
+  np.testing.assert_array_equal(h, h_ref)  # the sum, rounded alike
+  # y is the norm of h as returned (XLA's reference may skip rounding h inside its fusion).
+  _assert_close(y, _want_add_norm(kind, h, scale, bias), dtype, scale=4)
+  with jaxnorm.kernels("reference"):
+    y_of_h = jax.jit(lambda h: norm(jnp.zeros_like(h), h, scale, bias, **options)[0])(h)
+  _assert_close(y, y_of_h, dtype, scale=4)
+  if case != "bfloat16":
+    for got, ref in zip(grads, grads_ref):
+      assert got.dtype == ref.dtype
+      _assert_close(got, ref, dtype, scale=float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+    return
+  # All in bfloat16, dy and dh arrive rounded to it and the gradients are rounded to it: kernel
+  # and reference each differ from float32 math on the same rounded h by about 2% of the
+  # largest gradient. The kernel must be as accurate as the reference there.
+  f32 = lambda a: a.astype(jnp.float32)
+  ((_, _), (_, d_h, d_scale, d_bias)), _ = _add_loss_and_grads(norm, "reference")(
+      jnp.zeros_like(f32(h)), f32(h), f32(scale), f32(bias))
+  for got, ref, truth in zip(grads, grads_ref, (d_h, d_h, d_scale, d_bias)):
+    assert got.dtype == ref.dtype
+    error = lambda a: float(jnp.max(jnp.abs(f32(a) - truth)))
+    assert error(got) <= 1.5 * error(ref) + 4e-3 * float(jnp.max(jnp.abs(truth))), (
+        error(got), error(ref))
+
+
+def test_fused_add_norm_falls_back_where_the_kernel_cannot_go():
+  x, residual = _data((4, 130), 0.0, "float32"), _data((4, 130), 1e3, "float32", 3)
+  mask = np.arange(4 * 130).reshape(4, 130) % 3 != 0
+  with jaxnorm.kernels("pallas"):
+    fallbacks = lambda x, r: (jaxnorm.add_layer_norm(x, r, where=mask),
+                              jaxnorm.add_rms_norm(x, r, where=mask),
+                              jaxnorm.add_layer_norm(x, r, reduction_axes=0, feature_axes=0))
+    assert _kernel_calls(fallbacks, x, residual) == 0
+    got = jax.jit(fallbacks)(x, residual)
+    assert _kernel_calls(lambda x, r: jaxnorm.add_rms_norm(x, r), x, residual) == 1
+  with jaxnorm.kernels("reference"):
+    want = jax.jit(fallbacks)(x, residual)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+  with jaxnorm.kernels("xla"):
+    assert _kernel_calls(lambda x, r: jaxnorm.add_layer_norm(x, r), x, residual) == 0
+
+
+@pytest.mark.parametrize("platform,custom_call", [("cuda", "__gpu$xla.gpu.triton"),
+                                                  ("tpu", "tpu_custom_call")])
+def test_fused_add_norm_kernels_lower_for_gpu_and_tpu(platform, custom_call):
+  # Each benchmark shape once, the dtypes alternating (the norm kernels' own test lowers both
+  # dtypes on every shape; the fused kernels share their blocks), and two odd shapes.
+  dtypes = ("float32", "bfloat16") * 3
+  for shape, dtype in zip(BENCHMARK_SHAPES + ODD_SHAPES[:2], dtypes):
+    features = shape[-1]
+    scale, bias = jnp.ones(features, dtype), jnp.zeros(features, dtype)
+
+    def loss(x, residual):
+      y, h = jaxnorm.add_layer_norm(x, residual, scale, bias)
+      z, g = jaxnorm.add_rms_norm(x, residual, scale)
+      return sum(jnp.sum(a.astype(jnp.float32)) for a in (y, h, z, g))
+
+    with jaxnorm.kernels("pallas"):
+      traced = jax.jit(jax.grad(loss, (0, 1))).trace(
+          *[jax.ShapeDtypeStruct(shape, dtype)] * 2)
+      text = traced.lower(lowering_platforms=(platform,)).as_text()
+    # add + LN forward and backward, add + RMS forward and backward.
+    assert text.count(f"@{custom_call}(") == 4, (shape, dtype)
+    assert text.count("stablehlo.custom_call") == 4, (shape, dtype)

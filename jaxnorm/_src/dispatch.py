@@ -14,8 +14,9 @@ The paths in use are chosen by a mode, read when a function is traced:
   ``benchmarks/speed.py`` shows it pays.
 - ``"reference"``: the reference path everywhere, for debugging and for backends where no fast
   path was ever measured.
-- ``"pallas"``: Pallas kernels where registered (layer and RMS norm over trailing axes:
-  :mod:`jaxnorm._src.fast.pallas`; Triton on GPU, Mosaic on TPU, interpret mode on CPU), then
+- ``"pallas"``: Pallas kernels where registered (layer and RMS norm over trailing axes, and
+  the fused residual add + norm: :mod:`jaxnorm._src.fast.pallas`; Triton on GPU, Mosaic on TPU,
+  interpret mode on CPU), then
   as ``"xla"``. Opt-in until ``benchmarks/accelerator.py`` shows the kernels paying on the
   hardware.
 

@@ -24,6 +24,18 @@ from jaxnorm._src.moments import AxisName, Axes, Moments
 Groups = Sequence[Sequence[int]] | None
 
 
+def takes_rows(x: Array, axes: tuple[int, ...], feature_axes: tuple[int, ...] | None,
+               axis_name: AxisName | None) -> bool:
+  """Whether a norm of ``x`` over ``axes`` is one dispatched row operation: on one device (no
+  ``axis_name``, no Explicit sharding of the reduced axes) and, for parameters along
+  ``feature_axes`` (``None`` for RMS norm, whose scale never folds), parameters that vary along
+  a reduced axis (else :func:`normalize_over` folds them into the moments per channel)."""
+  if axis_name is not None or collectives.explicit_shards(x, axes) is not None:
+    return False
+  return feature_axes is None or not all(x.shape[a] == 1 or a not in axes
+                                         for a in feature_axes)
+
+
 def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
                    bias: ArrayLike | None, *, feature_axes: tuple[int, ...], epsilon: float,
                    where: Array | None, axis_name: AxisName | None, axis_index_groups: Groups,
@@ -35,12 +47,10 @@ def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
   the statistics are pooled over devices, the moments come first and
   :func:`normalize.normalize_with` folds the parameters into them. Where they vary along the
   reduced axes on one device (layer norm), statistics and output are one dispatched operation,
-  ``"normalize_rows"``.
+  ``"normalize_rows"``, handed ``x`` in its own dtype and the output dtype (each path widens
+  ``x`` itself, so that a kernel reads and writes the narrow arrays).
   """
-  per_channel = all(x.shape[a] == 1 or a not in axes or (group_size and a == x.ndim - 1)
-                    for a in feature_axes)
-  if (per_channel or group_size is not None or axis_name is not None
-      or collectives.explicit_shards(x, axes) is not None):
+  if group_size is not None or not takes_rows(x, axes, feature_axes, axis_name):
     if group_size is None:
       moments = moments_lib.pooled_moments(x, axes, where, axis_name, axis_index_groups)
     else:
@@ -49,13 +59,11 @@ def normalize_over(x: Array, axes: tuple[int, ...], scale: ArrayLike | None,
     y = normalize_lib.normalize_with(x, moments, scale, bias, feature_axes=feature_axes,
                                      epsilon=epsilon, dtype=dtype)
     return y, moments
-  xf = x.astype(checks.reduction_dtype(x.dtype))
   scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
   bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
   out_dtype = normalize_lib.output_dtype(x, scale, bias, dtype=dtype)
   rows = dispatch.path("normalize_rows", normalize_lib.normalize_rows)
-  yf, moments = rows(xf, where, scale, bias, axes, epsilon)
-  return yf.astype(out_dtype), moments
+  return rows(x, where, scale, bias, axes, epsilon, out_dtype=out_dtype)
 
 
 def normalize(x: ArrayLike, mean: ArrayLike, var: ArrayLike, scale: ArrayLike | None = None,
@@ -164,14 +172,13 @@ def rms_norm(x: ArrayLike, scale: ArrayLike | None = None, *, reduction_axes: Ax
   feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
   axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
   where = checks.broadcast_mask(where, x.shape)
-  xf = x.astype(checks.reduction_dtype(x.dtype))
   scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
   out_dtype = normalize_lib.output_dtype(x, scale, dtype=dtype)
-  if axis_name is not None or collectives.explicit_shards(x, axes) is not None:
-    yf = normalize_lib.rms_rows(xf, where, scale, axes, epsilon, axis_name, axis_index_groups)
-  else:
-    yf = dispatch.path("rms_rows", normalize_lib.rms_rows)(xf, where, scale, axes, epsilon)
-  return yf.astype(out_dtype)
+  if not takes_rows(x, axes, None, axis_name):
+    return normalize_lib.rms_rows(x, where, scale, axes, epsilon, axis_name, axis_index_groups,
+                                  out_dtype=out_dtype)
+  rows = dispatch.path("rms_rows", normalize_lib.rms_rows)
+  return rows(x, where, scale, axes, epsilon, out_dtype=out_dtype)
 
 
 def num_groups_for(channels: int, num_groups: int | None, group_size: int | None,

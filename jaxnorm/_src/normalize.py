@@ -100,28 +100,73 @@ def normalize_with(x: Array, moments: Moments, scale: ArrayLike | None = None,
   return yf.astype(out_dtype)
 
 
-def normalize_rows(xf: Array, where: Array | None, scale: Array | None, bias: Array | None,
-                   axes: tuple[int, ...], epsilon: float) -> tuple[Array, Moments]:
+def normalize_rows(x: Array, where: Array | None, scale: Array | None, bias: Array | None,
+                   axes: tuple[int, ...], epsilon: float, *,
+                   out_dtype: Any = None) -> tuple[Array, Moments]:
   """This device's moments over ``axes`` and ``x`` normalized with them, then scaled.
 
   For parameters that vary along the reduced axes (layer norm); dispatched as
   ``"normalize_rows"``, where the XLA path differentiates statistics and output together in
-  closed form.
+  closed form and the Pallas path runs a kernel. ``x`` comes in its own dtype and each path
+  widens it (here with ``astype``, which XLA fuses; a kernel reads the narrow array itself).
+
+  Args:
+    x: the input, any float or complex dtype.
+    where: optional mask of x's shape.
+    scale, bias: optional parameters broadcasting against ``x``.
+    axes: the reduced axes.
+    epsilon: added to the variance.
+    out_dtype: dtype of the output (default: the reduction dtype, at least float32).
+
+  Returns:
+    The output in ``out_dtype`` and the moments (in the reduction dtype).
   """
+  xf = x.astype(checks.reduction_dtype(x.dtype))
   moments = local_moments(xf, axes, where)
   yf = moments.standardize(xf, epsilon)
   if scale is not None:
     yf = yf * scale
   if bias is not None:
     yf = yf + bias
-  return yf, moments
+  return yf.astype(out_dtype or xf.dtype), moments
 
 
-def rms_rows(xf: Array, where: Array | None, scale: Array | None, axes: tuple[int, ...],
-             epsilon: float, axis_name=None, axis_index_groups=None) -> Array:
+def rms_rows(x: Array, where: Array | None, scale: Array | None, axes: tuple[int, ...],
+             epsilon: float, axis_name=None, axis_index_groups=None, *,
+             out_dtype: Any = None) -> Array:
   """``x / sqrt(mean(x**2) + epsilon) * scale``, the mean over ``axes`` (and ``axis_name``).
 
-  Dispatched as ``"rms_rows"`` on one device.
+  Dispatched as ``"rms_rows"`` on one device; ``x`` in its own dtype, widened here (as
+  :func:`normalize_rows`), the result in ``out_dtype`` (default: the reduction dtype).
   """
+  xf = x.astype(checks.reduction_dtype(x.dtype))
   yf = xf * lax.rsqrt(mean_square(xf, axes, where, axis_name, axis_index_groups) + epsilon)
-  return yf if scale is None else yf * scale
+  yf = yf if scale is None else yf * scale
+  return yf.astype(out_dtype or xf.dtype)
+
+
+def residual_add(x: Array, residual: Array, residual_dtype: Any) -> Array:
+  """``h = x + residual`` in ``residual_dtype``, each rounded to it first."""
+  return x.astype(residual_dtype) + residual.astype(residual_dtype)
+
+
+def add_normalize_rows(x: Array, residual: Array, where: Array | None, scale: Array | None,
+                       bias: Array | None, axes: tuple[int, ...], epsilon: float, *,
+                       residual_dtype: Any, out_dtype: Any) -> tuple[Array, Array]:
+  """The fused residual add + layer norm on one device: ``(y, h)``, ``h = x + residual`` in
+  ``residual_dtype`` and ``y`` the :func:`normalize_rows` of ``h`` in ``out_dtype``.
+
+  Dispatched as ``"add_normalize_rows"`` (a Pallas kernel reads ``x`` and ``residual`` once and
+  writes ``h`` and ``y``).
+  """
+  h = residual_add(x, residual, residual_dtype)
+  return normalize_rows(h, where, scale, bias, axes, epsilon, out_dtype=out_dtype)[0], h
+
+
+def add_rms_rows(x: Array, residual: Array, where: Array | None, scale: Array | None,
+                 axes: tuple[int, ...], epsilon: float, *, residual_dtype: Any,
+                 out_dtype: Any) -> tuple[Array, Array]:
+  """The fused residual add + RMS norm on one device, as :func:`add_normalize_rows`;
+  dispatched as ``"add_rms_rows"``."""
+  h = residual_add(x, residual, residual_dtype)
+  return rms_rows(h, where, scale, axes, epsilon, out_dtype=out_dtype), h

@@ -18,7 +18,9 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxnorm._src import checks
+from jaxnorm._src import dispatch
 from jaxnorm._src import functional
+from jaxnorm._src import normalize as normalize_lib
 from jaxnorm._src.moments import AxisName, Axes, Groups
 
 NORM_KINDS = ("layer", "rms")
@@ -137,8 +139,10 @@ def qk_norm(query: ArrayLike, key: ArrayLike, query_scale: ArrayLike | None = No
   return head_norm(query, query_scale, **options), head_norm(key, key_scale, **options)
 
 
-def residual_sum(x: ArrayLike, residual: ArrayLike, residual_dtype: Any, name: str) -> Array:
-  """``x + residual`` in ``residual_dtype`` (default: their result type), shapes checked."""
+def checked_pair(x: ArrayLike, residual: ArrayLike, residual_dtype: Any,
+                 name: str) -> tuple[Array, Array, Any]:
+  """``x`` and ``residual`` as float arrays of one shape, and the dtype of their sum
+  (``residual_dtype``, default their result type)."""
   x = checks.float_input(x, name)
   residual = checks.float_input(residual, name)
   if x.shape != residual.shape:
@@ -146,8 +150,28 @@ def residual_sum(x: ArrayLike, residual: ArrayLike, residual_dtype: Any, name: s
         f"{name}: x.shape={x.shape} and residual.shape={residual.shape} differ; the residual "
         f"stream and the branch added to it need one shape (project the branch back to "
         f"{residual.shape[-1]} features)")
-  dtype = residual_dtype or jnp.result_type(x, residual)
-  return x.astype(dtype) + residual.astype(dtype)
+  return x, residual, jnp.dtype(residual_dtype or jnp.result_type(x, residual))
+
+
+def fused_rows(x: ArrayLike, residual: ArrayLike, residual_dtype: Any, reduction_axes: Axes,
+               feature_axes: Axes, where: ArrayLike | None, axis_name: AxisName | None,
+               name: str, per_feature: bool = True):
+  """The checked arguments of a fused add + norm where it is one dispatched row operation
+  (:func:`functional.takes_rows`): ``(x, residual, axes, feature_axes, where, sum_dtype)``;
+  ``None`` where the add and the norm go apart (over devices, or a per-channel layer norm)."""
+  x, residual, sum_dtype = checked_pair(x, residual, residual_dtype, name)
+  feature_axes = checks.canonical_axes(feature_axes, x.ndim, name="feature_axes", shape=x.shape)
+  axes = checks.canonical_axes(reduction_axes, x.ndim, shape=x.shape)
+  if not all(functional.takes_rows(a, axes, feature_axes if per_feature else None, axis_name)
+             for a in (x, residual)):
+    return None
+  return x, residual, axes, feature_axes, checks.broadcast_mask(where, x.shape), sum_dtype
+
+
+def residual_sum(x: ArrayLike, residual: ArrayLike, residual_dtype: Any, name: str) -> Array:
+  """``x + residual`` in ``residual_dtype`` (default: their result type), shapes checked."""
+  x, residual, dtype = checked_pair(x, residual, residual_dtype, name)
+  return normalize_lib.residual_add(x, residual, dtype)
 
 
 def branch_dtype(x: ArrayLike, *params: ArrayLike | None, dtype: Any = None) -> Any:
@@ -170,9 +194,12 @@ def add_layer_norm(x: ArrayLike, residual: ArrayLike, scale: ArrayLike | None = 
   ``h`` is the new residual stream, ``y`` the input of the next branch. ``y`` is the layer
   norm of ``h`` as returned (after rounding to ``residual_dtype``), so that ``y`` and ``h``
   agree exactly; its statistics are reduced in float32 or wider. Options as
-  :func:`jaxnorm.layer_norm`. Under ``jit``, XLA fuses the add into the norm's passes; what it
+  :func:`jaxnorm.layer_norm`. On one device the add and the norm are one dispatched operation,
+  ``"add_normalize_rows"``: under ``jit`` XLA fuses the add into the norm's passes (what it
   moves, against the add and the norm written apart, is measured by
-  ``benchmarks/fused_add_norm.py``.
+  ``benchmarks/fused_add_norm.py``); under ``jaxnorm.kernels("pallas")`` one kernel reads ``x``
+  and ``residual`` once and writes ``h`` and ``y`` (its backward reads ``h``, ``dy`` and
+  ``dh`` once).
 
   Args:
     x: the branch output (attention or MLP).
@@ -192,11 +219,23 @@ def add_layer_norm(x: ArrayLike, residual: ArrayLike, scale: ArrayLike | None = 
     >>> y, h
     (Array([[ 1., -1.]], dtype=float32), Array([[10001.,  9999.]], dtype=float32))
   """
+  fused = fused_rows(x, residual, residual_dtype, reduction_axes, feature_axes, where,
+                     axis_name, "add_layer_norm")
+  out_dtype = branch_dtype(x, scale, bias, dtype=dtype)
+  if fused is not None:
+    x, residual, axes, feature_axes, where, sum_dtype = fused
+    scale, out_dtype = functional.offset_scale(x, scale, bias, scale_offset, out_dtype,
+                                               "add_layer_norm")
+    scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+    bias = checks.feature_param(bias, x.shape, feature_axes, "bias")
+    op = dispatch.path("add_normalize_rows", normalize_lib.add_normalize_rows)
+    return op(x, residual, where, scale, bias, axes, epsilon, residual_dtype=sum_dtype,
+              out_dtype=out_dtype)
   h = residual_sum(x, residual, residual_dtype, "add_layer_norm")
   y = functional.layer_norm(
       h, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
       epsilon=epsilon, where=where, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=branch_dtype(x, scale, bias, dtype=dtype), scale_offset=scale_offset)
+      dtype=out_dtype, scale_offset=scale_offset)
   return y, h
 
 
@@ -217,9 +256,20 @@ def add_rms_norm(x: ArrayLike, residual: ArrayLike, scale: ArrayLike | None = No
     >>> y, h
     (Array([[ 1., -1.]], dtype=float32), Array([[ 3., -3.]], dtype=float32))
   """
+  fused = fused_rows(x, residual, residual_dtype, reduction_axes, feature_axes, where,
+                     axis_name, "add_rms_norm", per_feature=False)
+  out_dtype = branch_dtype(x, scale, dtype=dtype)
+  if fused is not None:
+    x, residual, axes, feature_axes, where, sum_dtype = fused
+    scale, out_dtype = functional.offset_scale(x, scale, None, scale_offset, out_dtype,
+                                               "add_rms_norm")
+    scale = checks.feature_param(scale, x.shape, feature_axes, "scale")
+    op = dispatch.path("add_rms_rows", normalize_lib.add_rms_rows)
+    return op(x, residual, where, scale, axes, epsilon, residual_dtype=sum_dtype,
+              out_dtype=out_dtype)
   h = residual_sum(x, residual, residual_dtype, "add_rms_norm")
   y = functional.rms_norm(
       h, scale, reduction_axes=reduction_axes, feature_axes=feature_axes, epsilon=epsilon,
       where=where, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      dtype=branch_dtype(x, scale, dtype=dtype), scale_offset=scale_offset)
+      dtype=out_dtype, scale_offset=scale_offset)
   return y, h

@@ -105,7 +105,7 @@ def _row_spec(plan: Plan, backward: bool, width: int) -> pl.BlockSpec:
   return pl.BlockSpec((plan.block_rows(backward), width), lambda i: (i, 0))
 
 
-def _call(kernel, plan: Plan, backward: bool, inputs: list[tuple[Array | None, str]],
+def call(kernel, plan: Plan, backward: bool, inputs: list[tuple[Array | None, str]],
           outputs: list[tuple[tuple[int, ...], Any, str]], name: str):
   """``pallas_call`` over row blocks; each input and output is ``(array, kind)`` with kind
   ``"rows"`` (rows, features), ``"vector"`` (1, features), ``"stat"`` (rows, 1) or
@@ -136,7 +136,7 @@ def _call(kernel, plan: Plan, backward: bool, inputs: list[tuple[Array | None, s
   )(*(a for a, _ in present))
 
 
-class _Block:
+class Block:
   """Loads and stores of one chunk of rows, masked at the edges for Triton."""
 
   def __init__(self, plan: Plan, block_start, step):
@@ -186,37 +186,54 @@ class _Block:
     return jnp.sum(jnp.where(self.row_valid, value, 0), axis=0, keepdims=True)
 
 
-def _chunks(plan: Plan, backward: bool, body, carry):
+def chunks(plan: Plan, backward: bool, body, carry):
   """Runs ``body(block, carry)`` over the chunks of one program's rows."""
   steps = plan.steps if backward else 1
   # The program id is read here, outside the loop (interpret mode only substitutes it there).
   block_start = pl.program_id(0) * plan.block_rows(backward)
   if steps == 1:
-    return body(_Block(plan, block_start, 0), carry)
-  return lax.fori_loop(0, steps, lambda s, c: body(_Block(plan, block_start, s), c), carry)
+    return body(Block(plan, block_start, 0), carry)
+  return lax.fori_loop(0, steps, lambda s, c: body(Block(plan, block_start, s), c), carry)
 
 
-def _row_mean(value: Array, n: int) -> Array:
+def row_mean(value: Array, n: int) -> Array:
   return jnp.sum(value, axis=1, keepdims=True) * (1.0 / n)
 
 
 # ---- layer norm ------------------------------------------------------------------------------
 
-def _layer_norm_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
-                           has_bias: bool):
+def residual_sum(block: Block, x_ref, residual_ref, h_ref, sum_dtype) -> Array:
+  """``h = x + residual`` in ``sum_dtype`` (each rounded to it first, as XLA's
+  ``x.astype(d) + residual.astype(d)``), stored to ``h_ref``; returned as float32."""
+  total = (block.load(x_ref).astype(sum_dtype).astype(F32)
+           + block.load(residual_ref).astype(sum_dtype).astype(F32)).astype(sum_dtype)
+  block.store(h_ref, total)
+  return total.astype(F32)
+
+
+def layer_norm_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
+                          has_bias: bool, sum_dtype=None):
+  """Layer norm of a block of rows; with ``sum_dtype``, of ``x + residual`` (a second input),
+  also written out (a second output)."""
   x_ref, *refs = refs
+  add_ref = refs.pop(0) if sum_dtype is not None else None
   scale_ref = refs.pop(0) if has_scale else None
   bias_ref = refs.pop(0) if has_bias else None
-  y_ref, shift_ref, residual_ref, var_ref = refs
+  y_ref, *refs = refs
+  h_ref = refs.pop(0) if sum_dtype is not None else None
+  shift_ref, residual_ref, var_ref = refs
   n = plan.features
 
   def body(block, carry):
-    x = block.load(x_ref)
-    shift = _row_mean(x, n)
+    if sum_dtype is None:
+      x = block.load(x_ref)
+    else:
+      x = residual_sum(block, x_ref, add_ref, h_ref, sum_dtype)
+    shift = row_mean(x, n)
     centred = block.columns(x - shift)
-    residual = _row_mean(centred, n)
+    residual = row_mean(centred, n)
     deviation = block.columns(centred - residual)
-    var = _row_mean(deviation * deviation, n)
+    var = row_mean(deviation * deviation, n)
     y = deviation * lax.rsqrt(var + epsilon)
     if has_scale:
       y = y * block.load(scale_ref, "vector")
@@ -227,15 +244,18 @@ def _layer_norm_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
       block.store(ref, value, "stat")
     return carry
 
-  _chunks(plan, False, body, 0)
+  chunks(plan, False, body, 0)
 
 
-def _layer_norm_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
-                           has_bias: bool):
+def layer_norm_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
+                          has_bias: bool, has_dh: bool = False):
+  """dx (plus the cotangent ``dh`` of a fused residual sum, where given) and the partial
+  sums of d scale and d bias."""
   x_ref, *refs = refs
   scale_ref = refs.pop(0) if has_scale else None
-  (dy_ref, shift_ref, residual_ref, var_ref, d_residual_ref, d_var_ref, dx_ref,
-   *partial_refs) = refs
+  dy_ref, shift_ref, residual_ref, var_ref, d_residual_ref, d_var_ref, *refs = refs
+  dh_ref = refs.pop(0) if has_dh else None
+  dx_ref, *partial_refs = refs
   n = plan.features
 
   def body(block, sums):
@@ -245,17 +265,17 @@ def _layer_norm_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool,
     deviation = block.columns((x - shift) - residual)
     xhat = deviation * rstd
     g = dy * block.load(scale_ref, "vector") if has_scale else dy
-    dx = rstd * (g - _row_mean(g, n) - xhat * _row_mean(g * xhat, n))
+    dx = rstd * (g - row_mean(g, n) - xhat * row_mean(g * xhat, n))
     # Cotangents of the returned statistics: d residual / dx = 1/n, d var / dx = 2 (x - mean)/n.
     dx = dx + (block.load(d_residual_ref, "stat")
                + 2.0 * block.load(d_var_ref, "stat") * deviation) * (1.0 / n)
-    block.store(dx_ref, dx)
+    block.store(dx_ref, dx + block.load(dh_ref) if has_dh else dx)
     terms = ((dy * xhat,) if has_scale else ()) + ((dy,) if has_bias else ())
     return tuple(s + block.column_sum(t) for s, t in zip(sums, terms))
 
-  sums = _chunks(plan, True, body, tuple(jnp.zeros((1, plan.width), F32) for _ in partial_refs))
+  sums = chunks(plan, True, body, tuple(jnp.zeros((1, plan.width), F32) for _ in partial_refs))
   for ref, total in zip(partial_refs, sums):
-    _Block(plan, 0, 0).store(ref, total, "partial")
+    Block(plan, 0, 0).store(ref, total, "partial")
 
 
 class Spec(NamedTuple):
@@ -265,7 +285,7 @@ class Spec(NamedTuple):
   plan: Plan
 
 
-def _as_vector(param: Array | None) -> Array | None:
+def as_vector(param: Array | None) -> Array | None:
   return None if param is None else param.reshape(1, -1)
 
 
@@ -289,11 +309,11 @@ def layer_norm_rows(x: Array, scale: Array | None, bias: Array | None,
 def _layer_norm_fwd(x, scale, bias, spec):
   plan, rows = spec.plan, spec.plan.rows
   stat = ((rows, 1), F32, "stat")
-  kernel = functools.partial(_layer_norm_fwd_kernel, plan=plan, epsilon=spec.epsilon,
+  kernel = functools.partial(layer_norm_fwd_kernel, plan=plan, epsilon=spec.epsilon,
                              has_scale=scale is not None, has_bias=bias is not None)
-  y, shift, residual, var = _call(
+  y, shift, residual, var = call(
       kernel, plan, False,
-      [(x, "rows"), (_as_vector(scale), "vector"), (_as_vector(bias), "vector")],
+      [(x, "rows"), (as_vector(scale), "vector"), (as_vector(bias), "vector")],
       [(x.shape, spec.out_dtype, "rows"), stat, stat, stat], "jaxnorm_layer_norm_fwd")
   return (y, shift, residual, var), (x, scale, bias, shift, residual, var)
 
@@ -302,12 +322,12 @@ def _layer_norm_bwd(spec, saved, cotangents):
   x, scale, bias, shift, residual, var = saved
   dy, _, d_residual, d_var = cotangents  # the shift is a constant (as the XLA path's)
   plan = spec.plan
-  kernel = functools.partial(_layer_norm_bwd_kernel, plan=plan, epsilon=spec.epsilon,
+  kernel = functools.partial(layer_norm_bwd_kernel, plan=plan, epsilon=spec.epsilon,
                              has_scale=scale is not None, has_bias=bias is not None)
   partial = ((1,), F32, "partial")
-  outs = _call(
+  outs = call(
       kernel, plan, True,
-      [(x, "rows"), (_as_vector(scale), "vector"), (dy, "rows"), (shift, "stat"),
+      [(x, "rows"), (as_vector(scale), "vector"), (dy, "rows"), (shift, "stat"),
        (residual, "stat"), (var, "stat"), (d_residual.astype(F32), "stat"),
        (d_var.astype(F32), "stat")],
       [(x.shape, x.dtype, "rows")] + [partial] * ((scale is not None) + (bias is not None)),
@@ -326,39 +346,48 @@ layer_norm_rows.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 # ---- RMS norm --------------------------------------------------------------------------------
 
-def _rms_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool):
+def rms_fwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool, sum_dtype=None):
+  """RMS norm of a block of rows; of ``x + residual`` with ``sum_dtype`` (as layer norm's)."""
   x_ref, *refs = refs
+  add_ref = refs.pop(0) if sum_dtype is not None else None
   scale_ref = refs.pop(0) if has_scale else None
-  (y_ref,) = refs
+  y_ref, *h_refs = refs
 
   def body(block, carry):
-    x = block.load(x_ref)
-    y = x * lax.rsqrt(_row_mean(x * x, plan.features) + epsilon)
+    if sum_dtype is None:
+      x = block.load(x_ref)
+    else:
+      x = residual_sum(block, x_ref, add_ref, h_refs[0], sum_dtype)
+    y = x * lax.rsqrt(row_mean(x * x, plan.features) + epsilon)
     if has_scale:
       y = y * block.load(scale_ref, "vector")
     block.store(y_ref, y)
     return carry
 
-  _chunks(plan, False, body, 0)
+  chunks(plan, False, body, 0)
 
 
-def _rms_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool):
+def rms_bwd_kernel(*refs, plan: Plan, epsilon: float, has_scale: bool, has_dh: bool = False):
+  """dx (plus ``dh`` where given) and the partial sums of d scale."""
   x_ref, *refs = refs
   scale_ref = refs.pop(0) if has_scale else None
-  dy_ref, dx_ref, *partial_refs = refs
+  dy_ref, *refs = refs
+  dh_ref = refs.pop(0) if has_dh else None
+  dx_ref, *partial_refs = refs
   n = plan.features
 
   def body(block, sums):
     x, dy = block.load(x_ref), block.load(dy_ref)
-    inverse_rms = lax.rsqrt(_row_mean(x * x, n) + epsilon)
+    inverse_rms = lax.rsqrt(row_mean(x * x, n) + epsilon)
     xhat = x * inverse_rms
     g = dy * block.load(scale_ref, "vector") if has_scale else dy
-    block.store(dx_ref, inverse_rms * (g - xhat * _row_mean(g * xhat, n)))
+    dx = inverse_rms * (g - xhat * row_mean(g * xhat, n))
+    block.store(dx_ref, dx + block.load(dh_ref) if has_dh else dx)
     return tuple(s + block.column_sum(dy * xhat) for s in sums)
 
-  sums = _chunks(plan, True, body, tuple(jnp.zeros((1, plan.width), F32) for _ in partial_refs))
+  sums = chunks(plan, True, body, tuple(jnp.zeros((1, plan.width), F32) for _ in partial_refs))
   for ref, total in zip(partial_refs, sums):
-    _Block(plan, 0, 0).store(ref, total, "partial")
+    Block(plan, 0, 0).store(ref, total, "partial")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -377,19 +406,19 @@ def rms_norm_rows(x: Array, scale: Array | None, spec: Spec) -> Array:
 
 
 def _rms_fwd(x, scale, spec):
-  kernel = functools.partial(_rms_fwd_kernel, plan=spec.plan, epsilon=spec.epsilon,
+  kernel = functools.partial(rms_fwd_kernel, plan=spec.plan, epsilon=spec.epsilon,
                              has_scale=scale is not None)
-  (y,) = _call(kernel, spec.plan, False, [(x, "rows"), (_as_vector(scale), "vector")],
+  (y,) = call(kernel, spec.plan, False, [(x, "rows"), (as_vector(scale), "vector")],
                [(x.shape, spec.out_dtype, "rows")], "jaxnorm_rms_norm_fwd")
   return y, (x, scale)
 
 
 def _rms_bwd(spec, saved, dy):
   x, scale = saved
-  kernel = functools.partial(_rms_bwd_kernel, plan=spec.plan, epsilon=spec.epsilon,
+  kernel = functools.partial(rms_bwd_kernel, plan=spec.plan, epsilon=spec.epsilon,
                              has_scale=scale is not None)
-  outs = _call(kernel, spec.plan, True,
-               [(x, "rows"), (_as_vector(scale), "vector"), (dy, "rows")],
+  outs = call(kernel, spec.plan, True,
+               [(x, "rows"), (as_vector(scale), "vector"), (dy, "rows")],
                [(x.shape, x.dtype, "rows")] + [((1,), F32, "partial")] * (scale is not None),
                "jaxnorm_rms_norm_bwd")
   dx, *partials = outs

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from jaxnorm._src import checks
 from jaxnorm._src import moments as moments_lib
 from jaxnorm._src import normalize as normalize_lib
 from jaxnorm._src.moments import Moments, reduce_sum, safe_divide
@@ -178,17 +179,25 @@ def _inexact(param: Array | None, dtype: Any) -> Array | None:
   return param.astype(dtype)
 
 
-def normalize_rows(xf: Array, where: Array | None, scale: Array | None, bias: Array | None,
-                   axes: tuple[int, ...], epsilon: float) -> tuple[Array, Moments]:
-  """:func:`normalize.normalize_rows`, differentiated in closed form; fused rows on CPU."""
-  if jnp.iscomplexobj(xf):
-    return normalize_lib.normalize_rows(xf, where, scale, bias, axes, epsilon)
+def normalize_rows(x: Array, where: Array | None, scale: Array | None, bias: Array | None,
+                   axes: tuple[int, ...], epsilon: float, *,
+                   out_dtype: Any = None) -> tuple[Array, Moments]:
+  """:func:`normalize.normalize_rows`, differentiated in closed form; fused rows on CPU.
+
+  ``x`` is widened here (``astype``: XLA fuses the conversion into the passes that read it).
+  """
+  if jnp.iscomplexobj(x):
+    return normalize_lib.normalize_rows(x, where, scale, bias, axes, epsilon,
+                                        out_dtype=out_dtype)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
   scale, bias = _inexact(scale, xf.dtype), _inexact(bias, xf.dtype)
   if fuses_rows(xf.shape, where, axes):
-    return lax.platform_dependent(
+    yf, moments = lax.platform_dependent(
         cpu=lambda: _normalize_local(xf, None, scale, bias, axes, epsilon, True),
         default=lambda: _normalize_local(xf, None, scale, bias, axes, epsilon))
-  return _normalize_local(xf, where, scale, bias, axes, epsilon)
+  else:
+    yf, moments = _normalize_local(xf, where, scale, bias, axes, epsilon)
+  return yf.astype(out_dtype or xf.dtype), moments
 
 
 def _row_moments(xf: Array, where: Array | None, axes: tuple[int, ...], fused: bool) -> Moments:
@@ -253,16 +262,20 @@ def _normalize_local_jvp(axes, epsilon, fused, primals, tangents):
   return (yf, moments), (dy, d_moments)
 
 
-def rms_rows(xf: Array, where: Array | None, scale: Array | None, axes: tuple[int, ...],
-             epsilon: float) -> Array:
-  """:func:`normalize.rms_rows`, differentiated in closed form; fused rows on CPU."""
-  if jnp.iscomplexobj(xf):
-    return normalize_lib.rms_rows(xf, where, scale, axes, epsilon)
+def rms_rows(x: Array, where: Array | None, scale: Array | None, axes: tuple[int, ...],
+             epsilon: float, *, out_dtype: Any = None) -> Array:
+  """:func:`normalize.rms_rows`, differentiated in closed form; fused rows on CPU; ``x``
+  widened here, as in :func:`normalize_rows`."""
+  if jnp.iscomplexobj(x):
+    return normalize_lib.rms_rows(x, where, scale, axes, epsilon, out_dtype=out_dtype)
+  xf = x.astype(checks.reduction_dtype(x.dtype))
   scale = _inexact(scale, xf.dtype)
   if fuses_rows(xf.shape, where, axes):
-    return lax.platform_dependent(cpu=lambda: _rms_local(xf, None, scale, axes, epsilon, True),
-                                  default=lambda: _rms_local(xf, None, scale, axes, epsilon))
-  return _rms_local(xf, where, scale, axes, epsilon)
+    yf = lax.platform_dependent(cpu=lambda: _rms_local(xf, None, scale, axes, epsilon, True),
+                                default=lambda: _rms_local(xf, None, scale, axes, epsilon))
+  else:
+    yf = _rms_local(xf, where, scale, axes, epsilon)
+  return yf.astype(out_dtype or xf.dtype)
 
 
 def _rms_standardized(xf, where, axes, epsilon):
@@ -299,3 +312,20 @@ def _rms_local_jvp(axes, epsilon, fused, primals, tangents):
       xhat = _rms_standardized(lax.optimization_barrier(xf), None, axes, epsilon)[0]
     dy = dy * (lax.optimization_barrier(scale) if fused else scale) + xhat * d_scale
   return yf, dy
+
+
+def add_normalize_rows(x: Array, residual: Array, where: Array | None, scale: Array | None,
+                       bias: Array | None, axes: tuple[int, ...], epsilon: float, *,
+                       residual_dtype: Any, out_dtype: Any) -> tuple[Array, Array]:
+  """:func:`normalize.add_normalize_rows` with :func:`normalize_rows` (XLA fuses the add into
+  the norm's passes)."""
+  h = normalize_lib.residual_add(x, residual, residual_dtype)
+  return normalize_rows(h, where, scale, bias, axes, epsilon, out_dtype=out_dtype)[0], h
+
+
+def add_rms_rows(x: Array, residual: Array, where: Array | None, scale: Array | None,
+                 axes: tuple[int, ...], epsilon: float, *, residual_dtype: Any,
+                 out_dtype: Any) -> tuple[Array, Array]:
+  """:func:`normalize.add_rms_rows` with :func:`rms_rows`."""
+  h = normalize_lib.residual_add(x, residual, residual_dtype)
+  return rms_rows(h, where, scale, axes, epsilon, out_dtype=out_dtype), h
