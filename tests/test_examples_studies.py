@@ -42,6 +42,10 @@ def test_demo_quick_writes_report_plots_and_results(tmp_path):
   report = (tmp_path / "report.md").read_text()
   for figure in figures:
     assert f"({figure})" in report, figure
+  # the wine study (examples/wine_standardization.py --quick): standardized trains stably
+  wine = {line.split(":")[0].strip(): line for line in report.splitlines()
+          if "largest stable learning rate" in line}
+  assert "never" not in wine["jaxnorm"], report
   for section in ("## 3. Norms against batch size", "## 4a. Noisy batch norm",
                   "## 4b. Smoothness of the loss", "## 4c. Lp spreads",
                   "## Claims against measurements"):

@@ -1,10 +1,6 @@
 """jaxnorm.linen.Standardize, MinMaxScale and RobustScale: constants in 'input_stats', not in
-params, no gradient, kept by orbax checkpoints, the same numbers as the pure scalers; and the
-wine example in quick mode."""
-import os
-import subprocess
-import sys
-
+params, no gradient, kept by orbax checkpoints, the same numbers as the pure scalers. (The wine
+example's quick run is part of the demo's, tests/test_examples_studies.py.)"""
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -15,8 +11,6 @@ import pytest
 import jaxnorm
 import jaxnorm.linen as jnn
 import jaxnorm.nnx as jnnx
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data(seed=0):
@@ -135,14 +129,3 @@ def test_channel_axis_from_the_statistics():
   np.testing.assert_allclose(y, jaxnorm.standardize(x, stats), rtol=1e-6)
   restored = jnn.Standardize(channel_axis=1).apply(variables, x)
   np.testing.assert_allclose(restored, y, rtol=1e-6)
-
-
-def test_wine_example_quick():
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "examples", "wine_standardization.py"), "--quick"],
-      capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.splitlines()
-  assert any(line.strip().startswith("learning rate") for line in lines)
-  summary = {line.split(":")[0].strip(): line for line in lines if "largest stable" in line}
-  assert "never" not in summary["jaxnorm"]
