@@ -84,6 +84,7 @@ def functions(op, shape, dtype, mode, platform):
   import jaxnorm
   from jaxnorm._src.fast import pallas as pallas_paths
   from jaxnorm._src.fast import pallas_add
+  from jaxnorm._src.fast import pallas_blocks
   from jaxnorm._src.fast import pallas_rows
 
   rows, features = shape
@@ -101,7 +102,7 @@ def functions(op, shape, dtype, mode, platform):
   bias = jnp.asarray(0.1 * rng.standard_normal(features, np.float32), dtype)
   params = (scale, bias) if op.endswith("layer_norm") else (scale,)
   layout = pallas_paths.PLATFORM_LAYOUTS["cuda" if platform == "gpu" else platform]
-  plan = pallas_rows.plan_for(layout, rows, features, x.dtype, interpret=platform == "cpu")
+  plan = pallas_blocks.plan_for(layout, rows, features, x.dtype, interpret=platform == "cpu")
   spec = pallas_rows.Spec(1e-6, x.dtype, plan) if plan else None
 
   add = pallas_add.AddSpec(spec, x.dtype, x.dtype, x.dtype) if spec else None

@@ -368,3 +368,29 @@ def sgd_runs(norms, *, steps: int, seeds: int = 3, num_samples: int = 4000,
     if progress is not None:
       progress.update(1)
   return runs
+
+
+def sgd_study_main(argv, *, description: str, norms, quick_norms, probe: str, default_steps: int,
+                   table: Callable, figures: Callable) -> dict:
+  """The command line the SGD studies share (noisy BN, smoothness, Lp): runs ``norms`` (with
+  ``--quick``: ``quick_norms``, tiny) with probe ``probe``, prints ``table`` and, with ``--out``,
+  writes ``figures``."""
+  import argparse
+  import pathlib
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--quick", action="store_true", help="a few steps, for the test suite")
+  parser.add_argument("--steps", type=int, default=default_steps)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--out", default=None, help="folder for the figures (none if not given)")
+  args = parser.parse_args(argv)
+  if args.quick:
+    runs = sgd_runs(quick_norms, steps=20, seeds=2, num_samples=500, evaluations=2,
+                    probe_names=(probe,))
+  else:
+    runs = sgd_runs(norms, steps=args.steps, seeds=args.seeds, probe_names=(probe,))
+  print(table(runs))
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures(runs, out)
+  return runs

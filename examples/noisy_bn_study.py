@@ -12,7 +12,6 @@ Run: python examples/noisy_bn_study.py [--quick] [--steps 1000] [--out outputs/n
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import numpy as np
@@ -91,24 +90,9 @@ def figures(runs: dict, out: pathlib.Path) -> list[str]:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a few steps, for the test suite")
-  parser.add_argument("--steps", type=int, default=STEPS)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--out", default=None, help="folder for the figures (none if not given)")
-  args = parser.parse_args(argv)
-  if args.quick:
-    runs = common.sgd_runs(("batch", "noisy"), steps=20, seeds=2, num_samples=500,
-                           evaluations=2, probe_names=("layer_inputs",))
-  else:
-    runs = common.sgd_runs(NORMS, steps=args.steps, seeds=args.seeds,
-                           probe_names=("layer_inputs",))
-  print(table(runs))
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    figures(runs, out)
-  return runs
+  return common.sgd_study_main(argv, description=__doc__.splitlines()[0], norms=NORMS,
+                               quick_norms=("batch", "noisy"), probe="layer_inputs", default_steps=STEPS,
+                               table=table, figures=figures)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from jaxnorm._src.linen_input import MinMaxScale
 from jaxnorm._src.linen_input import RobustScale
 from jaxnorm._src.linen_input import Standardize
 from jaxnorm._src.convert_linen import use_jaxnorm
-from jaxnorm._src.folding import fold_batch_norms
-from jaxnorm._src.folding import fold_preceding_batch_norms
+from jaxnorm._src.folding_layers import fold_batch_norms
+from jaxnorm._src.folding_layers import fold_preceding_batch_norms
 from jaxnorm._src.linen_norms import BatchNorm
 from jaxnorm._src.linen_norms import GroupNorm
 from jaxnorm._src.linen_norms import InstanceNorm

@@ -1,7 +1,7 @@
 """Flax NNX layers over jaxnorm's pure functions, drop-in for ``flax.nnx``'s norms."""
 from jaxnorm._src.convert_nnx import convert
-from jaxnorm._src.folding import fold_into_layer
-from jaxnorm._src.folding import fold_into_next_layer
+from jaxnorm._src.folding_layers import fold_into_layer
+from jaxnorm._src.folding_layers import fold_into_next_layer
 from jaxnorm._src.nnx_batch_norms import BatchNorm
 from jaxnorm._src.nnx_batch_norms import BatchRenorm
 from jaxnorm._src.nnx_batch_norms import GhostBatchNorm

@@ -17,6 +17,7 @@ import pytest
 
 import jaxnorm
 from jaxnorm._src.fast import pallas
+from jaxnorm._src.fast import pallas_blocks
 from jaxnorm._src.fast import pallas_rows
 from jaxnorm._src.fast import xla
 from tests import reference
@@ -160,7 +161,7 @@ def test_triton_layout_in_interpret_mode():
   """The GPU kernel's own code (padded power-of-two width, masked edges, a row loop in the
   backward) run in interpret mode: 21 rows of 100 in blocks of 2 chunks of 8 rows."""
   rows, features = 21, 100
-  plan = pallas_rows.Plan("triton", rows, features, 128, 8, 2, True)
+  plan = pallas_blocks.Plan("triton", rows, features, 128, 8, 2, True)
   spec = pallas_rows.Spec(1e-6, jnp.float32, plan)
   x = _data((rows, features), 1e6, "float32")
   scale, bias = _data((features,), 1.0, "float32", 1), _data((features,), 0.0, "float32", 2)
@@ -202,7 +203,7 @@ def test_unsupported_calls_take_the_xla_path():
     assert _kernel_calls(lambda x: jaxnorm.layer_norm(x), x) == 0
   # A parameter varying along a kept axis, and rows too wide for a block.
   assert pallas.row_param(jnp.ones((6, 1)), (6, 130), (1,), jnp.float32) is False
-  assert pallas_rows.plan_for("triton", 4, pallas_rows.MAX_FEATURES + 1, jnp.float32) is None
+  assert pallas_blocks.plan_for("triton", 4, pallas_blocks.MAX_FEATURES + 1, jnp.float32) is None
 
 
 BENCHMARK_SHAPES = [(4096, 1024), (4096, 4096), (16384, 8192), (32768, 12288)]
@@ -214,7 +215,7 @@ def _lowered(platform, shape, dtype, direct):
   (``direct``), or through ``jaxnorm.layer_norm``/``rms_norm`` under ``kernels("pallas")``."""
   features = shape[-1]
   scale, bias = jnp.ones(features, dtype), jnp.zeros(features, dtype)
-  plan = pallas_rows.plan_for(pallas.PLATFORM_LAYOUTS[platform], shape[0], features, dtype)
+  plan = pallas_blocks.plan_for(pallas.PLATFORM_LAYOUTS[platform], shape[0], features, dtype)
   spec = pallas_rows.Spec(1e-6, jnp.dtype(dtype), plan)
 
   def loss(x):
@@ -243,12 +244,12 @@ def test_kernels_lower_for_gpu_and_tpu(platform, custom_call):
 
 def test_pallas_lowering_checks_reject_a_bad_block():
   """What the lowering tests above rely on: Pallas refuses blocks the hardware cannot take."""
-  spec = pallas_rows.Spec(1e-6, jnp.float32, pallas_rows.Plan("mosaic", 37, 1000, 1000, 3, 1,
+  spec = pallas_rows.Spec(1e-6, jnp.float32, pallas_blocks.Plan("mosaic", 37, 1000, 1000, 3, 1,
                                                               False))
   with pytest.raises(ValueError, match="divisible by 8 and 128"):
     jax.jit(lambda x: pallas_rows.rms_norm_rows(x, None, spec)).trace(
         jax.ShapeDtypeStruct((37, 1000), jnp.float32)).lower(lowering_platforms=("tpu",))
-  spec = pallas_rows.Spec(1e-6, jnp.float32, pallas_rows.Plan("triton", 37, 1000, 1000, 4, 1,
+  spec = pallas_rows.Spec(1e-6, jnp.float32, pallas_blocks.Plan("triton", 37, 1000, 1000, 4, 1,
                                                               False))
   with pytest.raises(ValueError, match="power of 2"):
     jax.jit(lambda x: pallas_rows.rms_norm_rows(x, None, spec)).trace(
@@ -256,7 +257,7 @@ def test_pallas_lowering_checks_reject_a_bad_block():
 
 
 def test_too_wide_rows_lower_without_a_kernel():
-  features = pallas_rows.MAX_FEATURES * 2
+  features = pallas_blocks.MAX_FEATURES * 2
   with jaxnorm.kernels("pallas"):
     text = jax.jit(lambda x: jaxnorm.layer_norm(x)).trace(
         jax.ShapeDtypeStruct((8, features), jnp.float32)).lower(

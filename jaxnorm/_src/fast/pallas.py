@@ -16,7 +16,7 @@ output dtype: a kernel reads and writes the narrow arrays and widens in register
 A call the kernels do not cover takes the XLA path (:mod:`jaxnorm._src.fast.xla`): a mask
 (``where``), reduced axes that are not the trailing ones, a scale or bias that varies along the
 kept axes, float64 (input, output or residual stream), an empty array, or rows wider than
-:data:`~jaxnorm._src.fast.pallas_rows.MAX_FEATURES` (32768). The kernels stay opt-in until
+:data:`~jaxnorm._src.fast.pallas_blocks.MAX_FEATURES` (32768). The kernels stay opt-in until
 ``benchmarks/accelerator.py`` shows them paying on real hardware.
 """
 from __future__ import annotations
@@ -88,10 +88,11 @@ def narrowest(*dtypes):
 def on_platforms(rows: int, features: int, dtype, kernel: Callable, fallback: Callable, *args):
   """``kernel(plan, *args)`` with each platform's plan, ``fallback(*args)`` where a platform
   has none."""
-  pallas_rows = kernels_module()
+  kernels_module()  # Pallas, imported on first use
+  from jaxnorm._src.fast import pallas_blocks
   branches = {}
   for platform, layout in PLATFORM_LAYOUTS.items():
-    plan = pallas_rows.plan_for(layout, rows, features, dtype, interpret=platform == "cpu")
+    plan = pallas_blocks.plan_for(layout, rows, features, dtype, interpret=platform == "cpu")
     branches[platform] = (fallback if plan is None
                           else lambda *a, plan=plan: kernel(plan, *a))
   return lax.platform_dependent(*args, **branches, default=fallback)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxnorm._src.fast import pallas_rows
-from jaxnorm._src.fast.pallas_rows import F32, Spec, as_vector, call
+from jaxnorm._src.fast.pallas_blocks import F32, call
+from jaxnorm._src.fast.pallas_rows import Spec, as_vector
 
 
 class AddSpec(NamedTuple):
