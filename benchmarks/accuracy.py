@@ -70,7 +70,7 @@ def standardizers(kind: str, example: jax.Array) -> dict:
   result = {"jaxnorm reduce_moments": jax.jit(shifted_frame),
             "x - jaxnorm.moments mean": jax.jit(from_mean_and_var)}
   for name, layer in layers(kind).items():
-    variables = layer.init(jax.random.key(0), example)
+    variables = jax.jit(layer.init)(jax.random.key(0), example)  # not an eager forward pass
     apply = functools.partial(layer.apply, variables, mutable=["batch_stats"])
     result[name] = jax.jit(lambda x, apply=apply: apply(x)[0])
   return result, axes, epsilon

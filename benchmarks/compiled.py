@@ -38,7 +38,7 @@ def fingerprints(cases) -> dict[str, str]:
     for mode in speed.MODES:
       if op.startswith("standardize") and mode != "fwd":
         continue
-      functions = speed.jax_functions(op, shape, mode)
+      functions = speed.jax_functions(op, shape, mode, peers=("jaxnorm",))
       if "jaxnorm" not in functions:
         continue
       fn, args = functions["jaxnorm"]

@@ -52,8 +52,9 @@ PEERS = ("jaxnorm", "flax", "flax_two_pass")
 # The JAX worker: memory pass, jaxnorm, flax.linen.
 
 
-def jax_functions(op, shape, mode):
-  """{name: (jitted fn, args)} for the memory pass and every JAX library that has ``op``."""
+def jax_functions(op, shape, mode, peers=PEERS):
+  """{name: (jitted fn, args)} for the memory pass and every JAX library in ``peers`` that has
+  ``op`` (a worker that times jaxnorm alone builds no flax layer)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -101,16 +102,17 @@ def jax_functions(op, shape, mode):
 
   if op.startswith("standardize"):
     axes = tuple(range(x.ndim - 1))
-    mean, var = jaxnorm.moments(x, axes)
+    mean, var = jax.jit(jaxnorm.moments, static_argnums=1)(x, axes)
     functions["jaxnorm"] = (jax.jit(lambda x: jaxnorm.normalize(x.astype(jnp.float32), mean, var)),
                             (x,))
     return functions
 
-  for kind in PEERS:
+  for kind in peers:
     layer = layers(kind)
     if layer is None:
       continue
-    variables = layer.init(jax.random.key(0), x)
+    # Initialized under jit: one small compile instead of an eager forward pass op by op.
+    variables = jax.jit(layer.init)(jax.random.key(0), x)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     mutable = list(state)
@@ -152,8 +154,8 @@ def jax_worker():
     key = (request["op"], tuple(request["shape"]), request["mode"])
     reply = {}
     if key not in cache:
-      functions = jax_functions(*key)
       role = os.environ.get("JAXNORM_BENCH_ROLE")  # another checkout's or mode's jaxnorm
+      functions = jax_functions(*key, peers=("jaxnorm",) if role else PEERS)
       if role:
         functions = {"memory": functions["memory"], role: functions["jaxnorm"]}
       info = {}
@@ -307,14 +309,17 @@ def torch_available():
     return False
 
 
-def calls_for(shape):
+QUICK_CALLS = 20  # --quick: calls per function and round (it checks the table, not the speed)
+
+
+def calls_for(shape, most=200):
   size = 1
   for n in shape:
     size *= n
-  return max(10, min(200, int(2e8 / (size * 4))))
+  return max(min(10, most), min(most, int(2e8 / (size * 4))))
 
 
-def measure(cases, rounds, use_torch, baseline=None, reference_paths=False):
+def measure(cases, rounds, use_torch, baseline=None, reference_paths=False, most_calls=200):
   workers = {"jax": Worker("jax")}
   if baseline:
     workers["baseline"] = Worker("jax", baseline, role="baseline")
@@ -329,7 +334,7 @@ def measure(cases, rounds, use_torch, baseline=None, reference_paths=False):
         if op.startswith("standardize") and mode != "fwd":
           continue  # fitted statistics are constants: there is no backward to time
         ratios, info = {}, {}
-        calls = calls_for(shape)
+        calls = calls_for(shape, most_calls)
         for _ in range(rounds):
           for kind, worker in workers.items():
             reply = worker.ask(op, list(shape), mode, calls)
@@ -425,7 +430,8 @@ def update_readme(text):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
-  parser.add_argument("--quick", action="store_true", help="small shapes, one round")
+  parser.add_argument("--quick", action="store_true",
+                      help=f"small shapes, one round, {QUICK_CALLS} calls per function")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--only", default="", help="comma-separated ops")
   parser.add_argument("--no-torch", action="store_true")
@@ -448,7 +454,7 @@ def main(argv=None):
           + ": its column is left empty (pip install torch==2.13.0 for a CPU build)",
           file=sys.stderr)
   results = measure(cases, 1 if args.quick else args.rounds, use_torch, args.baseline,
-                    args.reference_paths)
+                    args.reference_paths, QUICK_CALLS if args.quick else 200)
   text = (f"Multiples of a plain memory pass (lower is better; medians of per-round ratios over "
           f"{1 if args.quick else args.rounds} rounds), measured on {machine()}. Where jaxnorm "
           f"chooses its frame at run time (batch, group and instance norm; layer norm below "

@@ -39,6 +39,7 @@ GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thre
 
 CASES = {"LayerNorm": (8192, 1024), "BatchNorm": (32, 56, 56, 128)}
 QUICK_CASES = {"LayerNorm": (512, 256), "BatchNorm": (8, 16, 16, 32)}
+QUICK_SECONDS = 0.01  # --quick: each candidate timed over about this long a round
 PEERS = ("jaxnorm", "flax fast", "flax two-pass")
 MODES = ("fwd", "fwd+bwd")
 
@@ -104,7 +105,7 @@ def candidates(kind: str, shape: tuple[int, ...], mode: str) -> dict:
               "flax two-pass": nn.BatchNorm(use_running_average=False, use_fast_variance=False)}
   cotangent = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
   for peer, layer in layers.items():
-    variables = layer.init(jax.random.key(0), x)
+    variables = jax.jit(layer.init)(jax.random.key(0), x)  # not an eager forward pass
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
 
@@ -147,8 +148,12 @@ def planned_bytes(fn, args) -> float:
     return float("nan")
 
 
-def measure(kind: str, shape: tuple[int, ...], mode: str, rounds: int) -> dict:
-  """{name: {"ms", "x mem", "/ flax", "bytes", "compile s"}} for one shape and mode."""
+def measure(kind: str, shape: tuple[int, ...], mode: str, rounds: int,
+            seconds: float = 0.05) -> dict:
+  """{name: {"ms", "x mem", "/ flax", "bytes", "compile s"}} for one shape and mode.
+
+  Each candidate is timed over as many calls (3 to 50) as the memory pass makes in ``seconds``.
+  """
   functions, nbytes = candidates(kind, shape, mode)
   compile_s, planned = {}, {}
   for name, (fn, args) in functions.items():
@@ -158,7 +163,7 @@ def measure(kind: str, shape: tuple[int, ...], mode: str, rounds: int) -> dict:
     block(fn(*args))
     planned[name] = planned_bytes(fn, args)
   single = time_calls(*functions["memory pass"], 3)
-  calls = max(3, min(50, int(0.05 / max(single, 1e-6))))
+  calls = max(3, min(50, int(seconds / max(single, 1e-6))))
   names = list(functions)
   per_round = []  # {name: seconds per call}, one dict a round
   for r in range(rounds):
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
   results = {}
   for kind, shape in cases.items():
     for mode in MODES:
-      results[(kind, shape, mode)] = measure(kind, shape, mode, rounds)
+      results[(kind, shape, mode)] = measure(kind, shape, mode, rounds,
+                                             QUICK_SECONDS if args.quick else 0.05)
   print()
   print(markdown(results))
   print()

@@ -38,7 +38,9 @@ def train_with_ema(model: nn.Module, data: dict, *, steps: int, batch_size: int,
                    learning_rate: float, ema_decay: float, seed: int = 0):
   """Adam on ``data``; returns the final variables and the EMA of the parameters."""
   x, y = jnp.asarray(data["x"]), jnp.asarray(data["y"])
-  variables = model.init(jax.random.key(seed), x[:2], train=False)
+  # under jit: one compile, not one per operation
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(seed), x[:2],
+                                                           train=False)
   params, stats = variables["params"], variables["batch_stats"]
   optimizer = optax.adam(learning_rate)
   index = jnp.asarray(common.batches(len(x), batch_size, steps, seed))
@@ -71,14 +73,15 @@ def averaged_batch_stats(model: nn.Module, variables, batches):
   Each norm's input is the output of the convolution before it, captured in training mode.
   """
   @jax.jit
-  def norm_inputs(x):
+  def norm_input_moments(x):
     _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
                            capture_intermediates=lambda module, _: isinstance(module, nn.Conv))
-    return [state["intermediates"][f"Conv_{i}"]["__call__"][0] for i in range(3)]
+    inputs = [state["intermediates"][f"Conv_{i}"]["__call__"][0] for i in range(3)]
+    return [(h.mean((0, 1)), h.var((0, 1), ddof=1)) for h in inputs]
 
   sums = None
   for x in batches:
-    per_batch = [(h.mean((0, 1)), h.var((0, 1), ddof=1)) for h in norm_inputs(x)]
+    per_batch = norm_input_moments(x)
     sums = per_batch if sums is None else jax.tree.map(jnp.add, sums, per_batch)
   stats = {f"BatchNorm_{i}": {"mean": m / len(batches), "var": v / len(batches)}
            for i, (m, v) in enumerate(sums)}

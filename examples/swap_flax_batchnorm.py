@@ -75,7 +75,8 @@ def main(argv=None) -> dict:
   y = rng.integers(0, 10, 32)
 
   flax_model, jaxnorm_model = ResidualCNN(norms=nn), ResidualCNN(norms=jnn)
-  variables = flax_model.init(jax.random.key(0), x, train=False)
+  # init and apply under jit: one compile each, not one per operation
+  variables = jax.jit(flax_model.init, static_argnames="train")(jax.random.key(0), x, train=False)
   variables, loss = train(flax_model, variables, x, y, steps)
   print(f"trained with flax.linen norms: loss {loss:.4f}")
 
@@ -84,13 +85,14 @@ def main(argv=None) -> dict:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(path, variables)
     # The jaxnorm model's own (untrained) variables give the restore target: the same tree.
-    target = jaxnorm_model.init(jax.random.key(1), x, train=False)
+    target = jax.jit(jaxnorm_model.init, static_argnames="train")(jax.random.key(1), x,
+                                                                  train=False)
     assert jax.tree.structure(target) == jax.tree.structure(variables)
     with ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(path, target)
 
-  flax_out = flax_model.apply(variables, x, train=False)
-  jaxnorm_out = jaxnorm_model.apply(restored, x, train=False)
+  flax_out = jax.jit(flax_model.apply, static_argnames="train")(variables, x, train=False)
+  jaxnorm_out = jax.jit(jaxnorm_model.apply, static_argnames="train")(restored, x, train=False)
   difference = float(jnp.max(jnp.abs(flax_out - jaxnorm_out)))
   print(f"restored into jaxnorm.linen norms: max |output difference| {difference:.2e}")
   _, loss = train(jaxnorm_model, restored, x, y, steps)
@@ -101,7 +103,8 @@ def main(argv=None) -> dict:
   norm_std = {}
   for name, norms in (("flax", nn), ("jaxnorm", jnn)):
     layer = norms.BatchNorm(use_running_average=False)
-    out, _ = layer.apply(layer.init(jax.random.key(0), far), far, mutable=["batch_stats"])
+    out, _ = jax.jit(lambda x, layer=layer: layer.apply(layer.init(jax.random.key(0), x), x,
+                                                        mutable=["batch_stats"]))(far)
     norm_std[name] = float(jnp.std(out))
   print(f"BatchNorm output std on data around 1e4 (should be 1): flax "
         f"{norm_std['flax']:.3g}, jaxnorm {norm_std['jaxnorm']:.3g}")

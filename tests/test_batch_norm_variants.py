@@ -123,7 +123,8 @@ def test_ghost_gradient_is_that_of_each_block_on_its_own():
     ys = [jaxnorm.batch_norm(x[i:i + 4], None, training=True)[0] for i in (0, 4)]
     return jnp.sum(w * jnp.concatenate(ys))
 
-  np.testing.assert_allclose(jax.grad(ghost_loss)(x), jax.grad(block_loss)(x), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.grad(ghost_loss))(x), jax.jit(jax.grad(block_loss))(x),
+                             atol=1e-5)  # jit: one compile each, not one a primitive
 
 
 @pytest.mark.parametrize("mapper", ["vmap", "pmap"])
@@ -414,8 +415,11 @@ def test_ghost_random_shapes_and_masks_match_float64_reference(case):
   x, where, virtual_batch_size = case
   channels = x.shape[-1]
   running = jaxnorm.BatchStats(jnp.zeros(channels), jnp.ones(channels))
-  y, new = jaxnorm.ghost_batch_norm(x, running, training=True, momentum=0.5, epsilon=1e-5,
-                                    virtual_batch_size=virtual_batch_size, where=where)
+  # under jit: one compile a shape, where eager dispatch compiles every primitive for each new
+  # shape (the eager path is in test_ghost_matches_float64_reference)
+  y, new = jax.jit(functools.partial(
+      jaxnorm.ghost_batch_norm, training=True, momentum=0.5, epsilon=1e-5,
+      virtual_batch_size=virtual_batch_size))(x, running, where=where)
   ref, mean, pooled_var = ghost_reference(x, virtual_batch_size, where, 1e-5)
   assert reference.relative_error(y, ref, reference.mask_of(where, x.shape)) < 1e-4
   np.testing.assert_allclose(new.mean, 0.5 * mean, rtol=1e-5, atol=1e-6)
@@ -428,8 +432,9 @@ def test_lp_random_shapes_and_masks_match_float64_reference(case, p):
   x, where, _ = case
   channels = x.shape[-1]
   running = jaxnorm.BatchStats(jnp.zeros(channels), jnp.ones(channels))
-  y, new = jaxnorm.lp_batch_norm(x, running, training=True, p=p, momentum=0.5, epsilon=1e-5,
-                                 where=where)
+  # under jit, as above (the eager path is in test_lp_matches_float64_reference)
+  y, new = jax.jit(functools.partial(jaxnorm.lp_batch_norm, training=True, p=p, momentum=0.5,
+                                     epsilon=1e-5))(x, running, where=where)
   ref, mean, spread, count = lp_reference(x, (0, 1), p, where, 1e-5)
   assert reference.relative_error(y, ref, reference.mask_of(where, x.shape)) < 1e-4
   np.testing.assert_allclose(new.mean, 0.5 * mean.ravel(), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """``python -m jaxnorm stats`` run as a subprocess: statistics against float64 NumPy, and one
-line on stderr with a non-zero exit (never a traceback) for each kind of bad input."""
+line on stderr with a non-zero exit (never a traceback) for each kind of bad input (most of them
+through ``cli.main`` in process, which is all ``python -m jaxnorm`` runs)."""
 import json
 import os
 import re
@@ -156,10 +157,29 @@ def bad_inputs(tmp_path_factory):
   return path
 
 
+def run_in_process(*args, cwd, monkeypatch, capsys):
+  """``run``'s result from ``cli.main`` in this process: what ``python -m jaxnorm`` exits with
+  (``raise SystemExit(main())``), without starting Python and JAX again for each case. An
+  exception that escapes ``main`` escapes here too, and fails the test as a traceback would."""
+  monkeypatch.chdir(cwd)
+  capsys.readouterr()
+  try:
+    returncode = cli.main(["stats", *map(str, args)])
+  except SystemExit as exit_:
+    returncode = exit_.code
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(args, returncode, out, err)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_gives_one_line_and_nonzero_exit(bad_inputs, case):
+def test_bad_input_gives_one_line_and_nonzero_exit(bad_inputs, case, monkeypatch, capsys):
+  """Each bad input in process; one of them through a real ``python -m jaxnorm`` process, whose
+  whole stderr must be that one line too."""
   args, message = BAD[case]
-  result = run(*args, cwd=bad_inputs)
+  if case == "missing file":
+    result = run(*args, cwd=bad_inputs)
+  else:
+    result = run_in_process(*args, cwd=bad_inputs, monkeypatch=monkeypatch, capsys=capsys)
   assert result.returncode == 1, (result.stdout, result.stderr)
   assert "Traceback" not in result.stderr
   lines = result.stderr.strip().splitlines()

@@ -8,7 +8,7 @@ from tests.test_examples import EXAMPLES, run_example
 
 
 def test_precise_bn_quick_exact_statistics_do_not_depend_on_the_order():
-  out = run_example("precise_bn.py", "--quick")
+  out = run_example("precise_bn.py", "--quick", fast_compile=True)
   assert "| EMA weights, recomputed exactly (shuffled) |" in out, out
   assert len(re.findall(r"\| [\d.]+% \|", out)) == 6, out
   exact = float(re.search(r"exact, class order: ([\d.e+-]+)", out).group(1))
@@ -23,7 +23,8 @@ def test_study_training_loop_learns_mnist1d():
   try:
     import common
     data = common.mnist1d(1000)
-    run = common.train(common.CNN(norm="batch"), data, batch_size=50, steps=200,
+    # weight standardization + GroupNorm: the demo's quick run trains the BatchNorm CNN
+    run = common.train(common.CNN(norm="ws_group"), data, batch_size=50, steps=100,
                        learning_rate=1e-2, evaluations=2)
   finally:
     sys.path.remove(str(EXAMPLES))
@@ -50,8 +51,8 @@ def test_demo_quick_writes_report_plots_and_results(tmp_path):
                   "## 4b. Smoothness of the loss", "## 4c. Lp spreads",
                   "## Claims against measurements"):
     assert section in report, section
-  # the batch-size study: mean ± std over 2 seeds, recomputed statistics, WS + GroupNorm
-  for label in ("BatchNorm", "BatchNorm, recomputed statistics", "WS + GroupNorm(8)"):
+  # the batch-size study: mean ± std over 2 seeds, running and recomputed statistics
+  for label in ("BatchNorm", "BatchNorm, recomputed statistics"):
     assert re.search(rf"\| {re.escape(label)} \| [\d.]+ ± [\d.]+ \|", report), label
   # the Santurkar et al. studies: accuracy and the three smoothness measures, finite
   row = re.search(r"\| BatchNorm, L∞ spread \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \| "
@@ -68,7 +69,7 @@ def test_demo_quick_writes_report_plots_and_results(tmp_path):
 
 
 def test_weight_standardization_quick():
-  out = run_example("weight_standardization.py", "--quick")
+  out = run_example("weight_standardization.py", "--quick", fast_compile=True)
   for label in ("BatchNorm", "GroupNorm(8)", "WS + GroupNorm(8)"):
     assert f"| {label} |" in out, out
 

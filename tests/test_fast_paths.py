@@ -52,12 +52,12 @@ def test_moment_sums_fast_equals_reference(case, offset):
 
     fast = functools.partial(statistics, xla.moment_sums)
     reference = functools.partial(statistics, moments_lib.moment_sums)
-    for got, want in zip(fast(x), reference(x)):
+    for got, want in zip(jax.jit(fast)(x), jax.jit(reference)(x)):
       np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * (1 + offset))
     weights = jnp.asarray(_data(count.shape, 0.0, seed=1))
     loss = lambda sums, x: jnp.sum(weights * (sums(x)[0] + sums(x)[1]))
-    np.testing.assert_allclose(jax.grad(functools.partial(loss, fast))(x),
-                               jax.grad(functools.partial(loss, reference))(x),
+    np.testing.assert_allclose(jax.jit(jax.grad(functools.partial(loss, fast)))(x),
+                               jax.jit(jax.grad(functools.partial(loss, reference)))(x),
                                rtol=1e-7, atol=1e-9)
     if offset == 0.0 and case != "fused_rows":
       check_grads(jax.jit(lambda x: fast(x)[1]), (x,), order=1, modes=("fwd", "rev"))
@@ -73,10 +73,9 @@ def test_shift_and_scale_fast_equals_reference(offset):
     np.testing.assert_allclose(xla.shift_and_scale(*args), normalize.shift_and_scale(*args),
                                rtol=1e-12, atol=1e-12 * (1 + offset))
     cot = jnp.asarray(rng.standard_normal(x.shape))
-    for arg in range(5):
-      grad = lambda f: jax.grad(lambda *a: jnp.sum(cot * f(*a)), argnums=arg)(*args)
-      np.testing.assert_allclose(grad(xla.shift_and_scale), grad(normalize.shift_and_scale),
-                                 rtol=1e-9, atol=1e-9)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(cot * f(*a)), argnums=range(5)))(*args)
+    for got, want in zip(grad(xla.shift_and_scale), grad(normalize.shift_and_scale)):
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)  # each of the 5 arguments
     check_grads(jax.jit(xla.shift_and_scale), args, order=2, modes=("fwd", "rev"))
 
 
@@ -99,11 +98,13 @@ def test_row_paths_fast_equal_reference(case, operation):
 
     fast, reference = functools.partial(run, xla), functools.partial(run, normalize)
     args = (x, scale, bias)
-    np.testing.assert_allclose(fast(*args), reference(*args), rtol=1e-10, atol=1e-10)
+    # under jit: one compile each, where eager dispatch compiles every primitive
+    np.testing.assert_allclose(jax.jit(fast)(*args), jax.jit(reference)(*args), rtol=1e-10,
+                               atol=1e-10)
     cot = jnp.asarray(rng.standard_normal(shape))
-    for arg in range(3):
-      grad = lambda f: jax.grad(lambda *a: jnp.sum(cot * f(*a)), argnums=arg)(*args)
-      np.testing.assert_allclose(grad(fast), grad(reference), rtol=1e-8, atol=1e-9)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(cot * f(*a)), argnums=(0, 1, 2)))(*args)
+    for got, want in zip(grad(fast), grad(reference)):  # x, scale and bias
+      np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-9)
     if case != "fused_rows":
       check_grads(jax.jit(fast), args, order=2, modes=("fwd", "rev"))
 

@@ -319,10 +319,12 @@ def test_linen_axis_name_under_vmap_matches_the_pooled_batch():
   x, where = sync_case()
   layer = jnn.BatchRenorm(use_running_average=False, axis_name="devices", rmax=2.0, dmax=1.0)
   variables = layer.init(jax.random.key(0), x[0])
-  y, updates = jax.vmap(lambda x, w: layer.apply(variables, x, mask=w, mutable=["batch_stats"]),
-                        axis_name="devices")(x, where)
-  y_full, updates_full = jnn.BatchRenorm(use_running_average=False, rmax=2.0, dmax=1.0).apply(
-      variables, x.reshape(32, 3), mask=where.reshape(32, 1), mutable=["batch_stats"])
+  y, updates = jax.jit(jax.vmap(
+      lambda x, w: layer.apply(variables, x, mask=w, mutable=["batch_stats"]),
+      axis_name="devices"))(x, where)
+  full = jnn.BatchRenorm(use_running_average=False, rmax=2.0, dmax=1.0)
+  y_full, updates_full = jax.jit(functools.partial(full.apply, mutable=["batch_stats"]))(
+      variables, x.reshape(32, 3), mask=where.reshape(32, 1))
   valid = reference.mask_of(where.reshape(32, 1), (32, 3))
   assert reference.max_error(y.reshape(32, 3), y_full, valid) < 1e-4
   for name in ("mean", "var"):
@@ -339,7 +341,9 @@ def test_half_precision_input_keeps_float32_statistics():
 
 
 def test_small_batches_example_runs_in_quick_mode():
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "1"}
+  # one device; XLA's lowest optimization level: the quick run's time is mostly compiling
+  env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0",
+         "JAX_NUM_CPU_DEVICES": "1"}
   result = subprocess.run([sys.executable, str(ROOT / "examples" / "small_batches.py"), "--quick"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -444,8 +448,11 @@ def test_random_shapes_and_masks_match_float64_reference(batch, length, channels
   running_var = (rng.random(channels) * 20 + 0.1).astype(np.float32)
   running = jaxnorm.RenormStats(jnp.asarray(running_mean), jnp.asarray(running_var),
                                 jnp.array(2, jnp.int32))
-  y, new = jaxnorm.batch_renorm(x, running, training=True, rmax=rmax, dmax=dmax, momentum=0.5,
-                                epsilon=1e-3, where=where)
+  # under jit: one compile a shape, where eager dispatch compiles every primitive for each new
+  # shape (the eager path is in test_training_matches_float64_reference)
+  fn = jax.jit(functools.partial(jaxnorm.batch_renorm, training=True, rmax=rmax, dmax=dmax,
+                                 momentum=0.5, epsilon=1e-3))
+  y, new = fn(x, running, where=where)
   ref, _, _, new_mean, new_var = renorm_reference(
       x, running_mean, running_var, (0, 1), rmax=rmax, dmax=dmax, epsilon=1e-3, where=where,
       momentum=0.5)

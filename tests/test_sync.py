@@ -54,9 +54,12 @@ def per_device(a):
 
 
 def map_over_devices(fn, mode, *, check_vma=True):
-  """fn(local args) with axis_name "d" mapped over the leading axis of every argument."""
+  """fn(local args) with axis_name "d" mapped over the leading axis of every argument.
+
+  vmap under jit: eager vmap compiles every batched primitive on its own (eager vmap with
+  ``axis_name`` runs in test_stats.py and test_complex.py)."""
   if mode == "vmap":
-    return jax.vmap(fn, axis_name="d")
+    return jax.jit(jax.vmap(fn, axis_name="d"))
   if mode == "pmap":
     return jax.pmap(fn, axis_name="d", devices=jax.devices()[:DEVICES])
 
@@ -164,25 +167,30 @@ def weighted_loss(y, weights, where):
   return jnp.sum(jnp.where(where, y * weights, 0))
 
 
+def synced_loss(x, w, weights, scale, axis_name=None):
+  y, _ = jaxnorm.batch_norm(x, None, scale, training=True, where=w, axis_name=axis_name)
+  return weighted_loss(y, weights, w)
+
+
+# the full-batch gradient, compiled once for the four cases below
+full_batch_gradient = jax.jit(jax.grad(synced_loss, argnums=(0, 3)))
+
+
 @pytest.mark.parametrize("mode,check_vma", [("vmap", True), ("pmap", True), ("shard_map", True),
                                             ("shard_map", False)])
 def test_input_gradient_through_synced_statistics_equals_full_batch(mode, check_vma):
   x, where = batch(offset=10.0)
   weights = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
   scale = jnp.asarray([0.5, 2.0, -1.0])
-
-  def loss(x, w, weights, scale, axis_name=None):
-    y, _ = jaxnorm.batch_norm(x, None, scale, training=True, where=w, axis_name=axis_name)
-    return weighted_loss(y, weights, w)
-
-  full_dx, full_dscale = jax.grad(loss, argnums=(0, 3))(x, where, weights, scale)
+  loss = synced_loss
+  full_dx, full_dscale = full_batch_gradient(x, where, weights, scale)
   args = (per_device(x), per_device(where), per_device(weights))
   if mode == "vmap":
     def total(x, w, weights, scale):
       per = jax.vmap(functools.partial(loss, axis_name="d"), in_axes=(0, 0, 0, None),
                      axis_name="d")(x, w, weights, scale)
       return jnp.sum(per)
-    dx, dscale = jax.grad(total, argnums=(0, 3))(*args, scale)
+    dx, dscale = jax.jit(jax.grad(total, argnums=(0, 3)))(*args, scale)  # eager: slow
   elif mode == "pmap":
     # pmap's convention: the gradient of the sum of the devices' losses, psum'd for parameters
     grad = jax.pmap(jax.grad(functools.partial(loss, axis_name="d"), argnums=(0, 3)),
@@ -209,7 +217,7 @@ def test_layer_norm_input_gradient_with_sharded_features(mode):
   rng = np.random.default_rng(4)
   x = (rng.standard_normal((3, DEVICES * 2)) + 50).astype(np.float32)
   weights = rng.standard_normal(x.shape).astype(np.float32)
-  full = jax.grad(lambda x: jnp.sum(jaxnorm.layer_norm(x) * weights))(x)
+  full = jax.jit(jax.grad(lambda x: jnp.sum(jaxnorm.layer_norm(x) * weights)))(x)
   sharded = lambda a: a.reshape(3, DEVICES, 2).transpose(1, 0, 2)
   if mode == "vmap":
     total = lambda xs: jnp.sum(
