@@ -12,8 +12,9 @@ packages (nothing is downloaded), each also runnable alone from examples/:
 3. Batch size (``batch_size_study.py``): BatchNorm (with running averages and with recomputed
    population statistics), BatchRenorm, GroupNorm, weight standardization + GroupNorm and
    LayerNorm at batch sizes 2 to 128, 3 seeds, a fixed number of epochs with the linear
-   learning-rate rule, warmup and cosine decay (Wu and He 2018: batch norm's error rises at small batches, group norm's
-   does not; Wu and Johnson 2021: recomputed statistics at small batches).
+   learning-rate rule, warmup and cosine decay (Wu and He 2018: batch norm's error rises at
+   small batches, group norm's does not; Wu and Johnson 2021: recomputed statistics at small
+   batches).
 4. Why batch norm works (Santurkar et al. 2018), MNIST-1D CNN, plain SGD at one learning rate,
    3 seeds, trained once for three studies: noisy batch norm (``noisy_bn_study.py``, their
    figure 2), smoothness of the loss (``smoothness_study.py``, figures 3 and 4) and L1/L∞
@@ -49,7 +50,6 @@ import mnist1d_batchnorm  # noqa: E402
 import noisy_bn_study  # noqa: E402
 import smoothness_study  # noqa: E402
 import wine_standardization  # noqa: E402
-
 
 
 def wine_study(quick: bool, out: pathlib.Path) -> tuple[str, dict]:
