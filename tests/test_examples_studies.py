@@ -34,8 +34,7 @@ def test_study_training_loop_learns_mnist1d():
 
 def test_demo_quick_writes_report_plots_and_results(tmp_path):
   """One quick demo run covers every study's code: figures, report sections and numbers."""
-  out = run_example("demo.py", "--quick", "--out", str(tmp_path), timeout=400,
-                    fast_compile=True)
+  out = run_example("demo.py", "--quick", "--out", str(tmp_path), timeout=400)
   assert "Findings:" in out and "Claims against measurements:" in out
   figures = ("wine_loss.png", "mnist1d_batchnorm.png", "batch_size.png", "noisy_bn_curves.png",
              "noisy_bn_inputs.png", "smoothness.png", "lp_smoothness.png")
