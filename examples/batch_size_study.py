@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -60,8 +59,7 @@ def recomputed_accuracy(model, variables, data, batch_size: int, seed: int) -> f
   count = min(len(order) // batch_size, RECOMPUTE_BATCHES)
   batches = [data["x"][order[i * batch_size:(i + 1) * batch_size]] for i in range(count)]
   variables = jnn.recompute_batch_stats(model, variables, batches, train=False)
-  logits = model.apply(variables, data["x_test"], train=False)
-  return float(jnp.mean(jnp.argmax(logits, -1) == data["y_test"]))
+  return common.accuracy(model, variables, data["x_test"], data["y_test"])
 
 
 def study(*, epochs: float, batch_sizes=BATCH_SIZES, norms=TRAINED, seeds: int = 3,
